@@ -1,0 +1,12 @@
+"""tritonbn: Batch Normalization for PyTorch in Triton kernels.
+
+Architecture: modules (modules.py) -> functional API (functional.py) -> custom operators
+with autograd (ops/batch_norm.py) -> launchers (kernels/launch.py) -> Triton kernels
+(kernels/stats.py, kernels/grad_stats.py, kernels/apply.py).
+"""
+from .functional import batch_norm, runs_on_triton
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+
+__all__ = ["batch_norm", "runs_on_triton", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+           "convert_model"]
+__version__ = "0.1.0"

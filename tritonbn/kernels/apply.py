@@ -1,0 +1,71 @@
+"""Elementwise pass: the normalized output (forward) or grad_input (backward), one read
+of each input and one write of the output, in the output's own dtype and layout.
+
+    forward:              y  = (x - mean) * invstd * weight + bias
+    backward, training:   dx = (dy - k1 - (x - mean) * k2) * weight * invstd
+    backward, eval:       dx = dy * weight * invstd
+(k1, k2 from grad_stats.py; weight = 1 and bias = 0 when absent.)
+
+Grid: one program per (tile, channel block), channel block fastest.
+"""
+import triton
+import triton.language as tl
+
+from .grad_stats import load_channel_stats
+from .tiles import tile_index, tile_offsets
+
+
+@triton.jit
+def bn_apply_kernel(
+    x_ptr,            # input [O0, O1, O2, I, C] through strides sx*
+    dy_ptr,           # grad_output (BACKWARD only), strides sd*
+    out_ptr,          # y (forward) or grad_input (backward), strides so*
+    mean_ptr,         # [C] batch mean or running_mean
+    stat_ptr,         # [C] invstd, or running_var when STAT_IS_VAR
+    weight_ptr,       # [C] when HAS_WEIGHT
+    bias_ptr,         # [C] when HAS_BIAS (forward)
+    coef_ptr,         # fp32 [2, C]: k1, k2 (backward with batch statistics)
+    eps,
+    O1, O2, O, I, C,
+    sx0, sx1, sx2, sxi, sxc,
+    sd0, sd1, sd2, sdi, sdc,
+    so0, so1, so2, soi, soc,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
+    CONTIG: tl.constexpr, INT64: tl.constexpr, STAT_IS_VAR: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BACKWARD: tl.constexpr, BATCH_STATS: tl.constexpr,
+):
+    num_c_blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    c_block = pid % num_c_blocks
+    tile = pid // num_c_blocks
+    o0, o1, o2, i, c, mask = tile_index(tile, c_block, O1, O2, O, I, C,
+                                        BLOCK_O, BLOCK_I, BLOCK_C, INT64)
+    c_mask = c < C
+    mean, invstd = load_channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, STAT_IS_VAR)
+    if HAS_WEIGHT:
+        scale = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32) * invstd
+    else:
+        scale = invstd
+    mean = mean[None, None, :]
+    scale = scale[None, None, :]
+
+    needs_x = (not BACKWARD) or BATCH_STATS
+    if needs_x:
+        x_offs = tile_offsets(o0, o1, o2, i, c, sx0, sx1, sx2, sxi, sxc, CONTIG)
+        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        dy_offs = tile_offsets(o0, o1, o2, i, c, sd0, sd1, sd2, sdi, sdc, CONTIG)
+        dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
+        if BATCH_STATS:
+            k1 = tl.load(coef_ptr + c, mask=c_mask, other=0.0)[None, None, :]
+            k2 = tl.load(coef_ptr + C + c, mask=c_mask, other=0.0)[None, None, :]
+            out = (dy - k1 - (x - mean) * k2) * scale
+        else:
+            out = dy * scale
+    else:
+        out = (x - mean) * scale
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, None, :]
+    out_offs = tile_offsets(o0, o1, o2, i, c, so0, so1, so2, soi, soc, CONTIG)
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)

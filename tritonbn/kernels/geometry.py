@@ -1,0 +1,105 @@
+"""Host-side view of a BatchNorm operand as a ``[outer, inner, channel]`` index space.
+
+Every kernel in tritonbn addresses its tensors through strides, never through a copy.
+BatchNorm reduces over every dimension except dim 1 (the channel). We collapse those
+reduction dimensions into at most four (three "outer" dims and one "inner" dim) by
+merging neighbours that are contiguous with each other in *every* participating tensor:
+
+    NCHW contiguous        (N, C, H, W)  -> outer (N,)        inner H*W (stride 1)
+    channels_last          (N, C, H, W)  -> outer ()          inner N*H*W (stride C)
+    BatchNorm1d (N, C)                   -> outer ()          inner N (stride C)
+    x[..., ::2] of NCHW                  -> outer (N, H)      inner W (stride 2)
+
+A kernel tile is ``[BLOCK_O, BLOCK_I, BLOCK_C]``; the outer row index is decomposed into
+(o0, o1, o2) once per row (cheap), the inner and channel indices are plain strided ranges,
+so whichever of inner/channel has stride 1 gives coalesced 128-bit accesses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tiles import CONTIG_CHANNEL, CONTIG_INNER, CONTIG_NONE
+
+MAX_OUTER_DIMS = 3
+INT32_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Reduction geometry shared by a group of same-shaped tensors."""
+
+    channels: int
+    outer_sizes: tuple[int, int, int]  # padded with 1s, slowest first
+    inner_size: int
+    # Per tensor: (outer strides x3, inner stride, channel stride).
+    strides: tuple[tuple[int, int, int, int, int], ...]
+    needs_int64: bool
+
+    @property
+    def outer_size(self) -> int:
+        o0, o1, o2 = self.outer_sizes
+        return o0 * o1 * o2
+
+    @property
+    def reduction_size(self) -> int:
+        """M: the number of values per channel."""
+        return self.outer_size * self.inner_size
+
+    @property
+    def contig(self) -> int:
+        """Axis with unit stride in every tensor (see tiles.CONTIG_*): enables 128-bit access."""
+        if self.inner_size > 1 and all(s[3] == 1 for s in self.strides):
+            return CONTIG_INNER
+        if self.channels > 1 and all(s[4] == 1 for s in self.strides):
+            return CONTIG_CHANNEL
+        return CONTIG_NONE
+
+    @property
+    def sizes(self) -> tuple[int, int, int, int, int]:
+        """Size arguments in kernel order: O1, O2, O, I, C."""
+        _, o1, o2 = self.outer_sizes
+        return (o1, o2, self.outer_size, self.inner_size, self.channels)
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+
+
+def make_geometry(*tensors: torch.Tensor) -> Geometry:
+    """Coalesce the reduction dims of ``tensors`` (same shape, dim 1 = channels)."""
+    shape = tensors[0].shape
+    for t in tensors[1:]:
+        assert t.shape == shape, (t.shape, shape)
+    channels = shape[1]
+    red_dims = [0] + list(range(2, len(shape)))
+    # Each entry: [size, stride of tensor 0, stride of tensor 1, ...]; size-1 dims vanish.
+    dims = [[shape[d]] + [t.stride(d) for t in tensors] for d in red_dims if shape[d] != 1]
+    merged: list[list[int]] = []
+    for dim in dims:
+        if merged:
+            prev = merged[-1]
+            # prev is outside (slower than) dim: mergeable when prev.stride == dim.stride * dim.size
+            if all(prev[1 + k] == dim[1 + k] * dim[0] for k in range(len(tensors))):
+                merged[-1] = [prev[0] * dim[0]] + dim[1:]
+                continue
+        merged.append(dim)
+    if not merged:
+        merged = [[1] + [0] * len(tensors)]
+    inner, outer = merged[-1], merged[:-1]
+    if len(outer) > MAX_OUTER_DIMS:  # cannot happen for <= 5-D inputs, kept as a guard
+        raise NotImplementedError("tritonbn supports inputs of at most 5 dimensions")
+    outer = [[1] + [0] * len(tensors)] * (MAX_OUTER_DIMS - len(outer)) + outer
+    strides = tuple(
+        tuple(o[1 + k] for o in outer) + (inner[1 + k], tensors[k].stride(1))
+        for k in range(len(tensors))
+    )
+    needs_int64 = any(_max_offset(t) > INT32_LIMIT for t in tensors)
+    return Geometry(
+        channels=channels,
+        outer_sizes=tuple(o[0] for o in outer),
+        inner_size=inner[0],
+        strides=strides,
+        needs_int64=needs_int64,
+    )

@@ -1,0 +1,98 @@
+"""Backward reduction: per-channel sum(dy) and sum(dy * (x - mean)) by a split reduction.
+
+Math, per channel c over its M values, with xhat = (x - mean) * invstd:
+    grad_bias   = sum(dy)
+    grad_weight = sum(dy * xhat) = invstd * sum(dy * (x - mean))
+and, for grad_input in training mode (see apply.py),
+    dx = (dy - k1 - (x - mean) * k2) * weight * invstd,
+    k1 = sum(dy) / M,   k2 = sum(dy * (x - mean)) * invstd^2 / M.
+
+In eval mode (running statistics) mean/invstd come from running_mean/running_var and only
+grad_weight/grad_bias are produced here; dx = dy * weight * invstd needs no reduction.
+
+Same parallel layout as the forward statistics: grid = (channel blocks, splits), fp32
+partial sums per split, and the last program of a channel block sums them in split order
+(deterministic) and writes grad_weight, grad_bias and (k1, k2). One launch.
+"""
+import triton
+import triton.language as tl
+
+from .tiles import arrive_is_last, split_range, tile_index, tile_offsets
+
+
+@triton.jit
+def load_channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, STAT_IS_VAR: tl.constexpr):
+    """mean and invstd of channels ``c``: saved batch statistics (stat = invstd) or running
+    statistics (stat = running_var, invstd = 1 / sqrt(var + eps) as torch computes it)."""
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    stat = tl.load(stat_ptr + c, mask=c_mask, other=1.0).to(tl.float32)
+    if STAT_IS_VAR:
+        stat = tl.div_rn(1.0, tl.sqrt_rn(stat + eps))
+    return mean, stat
+
+
+@triton.jit
+def bn_grad_stats_kernel(
+    x_ptr,            # input [O0, O1, O2, I, C] through strides sx*
+    dy_ptr,           # grad_output, same shape, strides sd*
+    partial_ptr,      # fp32 [2, num_splits, C]: sum(dy), sum(dy * (x - mean)) per split
+    counter_ptr,      # int32 [num channel blocks], zero on entry and on exit
+    mean_ptr,         # [C] saved mean (training) or running_mean (eval)
+    stat_ptr,         # [C] saved invstd (training) or running_var (eval, STAT_IS_VAR)
+    grad_weight_ptr,  # [C] out (weight dtype) when HAS_GRAD_WEIGHT
+    grad_bias_ptr,    # [C] out (bias dtype) when HAS_GRAD_BIAS
+    coef_ptr,         # fp32 [2, C] out: k1, k2 for the grad_input pass, when WRITE_COEF
+    eps, inv_m,       # floats: eps, 1 / M
+    O1, O2, O, I, C,
+    sx0, sx1, sx2, sxi, sxc,
+    sd0, sd1, sd2, sdi, sdc,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, CONTIG: tl.constexpr, INT64: tl.constexpr,
+    STAT_IS_VAR: tl.constexpr, HAS_GRAD_WEIGHT: tl.constexpr,
+    HAS_GRAD_BIAS: tl.constexpr, WRITE_COEF: tl.constexpr,
+):
+    c_block = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    num_tiles = tl.cdiv(O, BLOCK_O) * tl.cdiv(I, BLOCK_I)
+    begin, end = split_range(num_tiles, split, num_splits)
+
+    c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mean_c, invstd_c = load_channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, STAT_IS_VAR)
+
+    sum_dy = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
+    sum_dy_xmu = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
+    for tile in range(begin, end):
+        o0, o1, o2, i, ci, mask = tile_index(tile, c_block, O1, O2, O, I, C,
+                                             BLOCK_O, BLOCK_I, BLOCK_C, INT64)
+        x_offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG)
+        dy_offs = tile_offsets(o0, o1, o2, i, ci, sd0, sd1, sd2, sdi, sdc, CONTIG)
+        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
+        sum_dy += dy
+        sum_dy_xmu += tl.where(mask, dy * (x - mean_c[None, None, :]), 0.0)
+
+    stride_part = num_splits * C
+    p = partial_ptr + split * C + c
+    tl.store(p, tl.sum(tl.sum(sum_dy, 1), 0), mask=c_mask)
+    tl.store(p + stride_part, tl.sum(tl.sum(sum_dy_xmu, 1), 0), mask=c_mask)
+
+    if arrive_is_last(counter_ptr + c_block, num_splits):
+        dbeta = tl.zeros([BLOCK_C], tl.float32)
+        dot = tl.zeros([BLOCK_C], tl.float32)
+        for s0 in range(0, num_splits, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            m = (s < num_splits)[:, None] & c_mask[None, :]
+            ps = partial_ptr + s[:, None] * C + c[None, :]
+            dbeta += tl.sum(tl.load(ps, mask=m, other=0.0, cache_modifier=".cg"), 0)
+            dot += tl.sum(tl.load(ps + stride_part, mask=m, other=0.0, cache_modifier=".cg"), 0)
+        if HAS_GRAD_WEIGHT:
+            gw = grad_weight_ptr + c
+            tl.store(gw, (dot * invstd_c).to(gw.dtype.element_ty), mask=c_mask)
+        if HAS_GRAD_BIAS:
+            gb = grad_bias_ptr + c
+            tl.store(gb, dbeta.to(gb.dtype.element_ty), mask=c_mask)
+        if WRITE_COEF:
+            tl.store(coef_ptr + c, dbeta * inv_m, mask=c_mask)
+            tl.store(coef_ptr + C + c, dot * inv_m * invstd_c * invstd_c, mask=c_mask)

@@ -1,0 +1,115 @@
+"""Forward statistics: per-channel mean / biased variance by a split Welford reduction.
+
+Math, per channel c over the M = N*L values x_m:
+    mean = sum(x) / M,  var = sum((x - mean)^2) / M,  invstd = 1 / sqrt(var + eps)
+    running_mean <- (1 - f) * running_mean + f * mean
+    running_var  <- (1 - f) * running_var  + f * var * M / (M - 1)
+with f = momentum, or f = 1 / num_batches_tracked (cumulative average, momentum=None).
+
+Parallel layout: grid = (channel blocks, splits). Each program walks a contiguous range of
+``[BLOCK_O, BLOCK_I, BLOCK_C]`` tiles keeping one Welford state per lane (count, mean, M2),
+folds its lanes into one (count, mean, M2) per channel and stores it as a partial. The last
+program of a channel block to arrive merges the partials of all splits with Chan's formula
+in split order (deterministic: same input, same bits), then writes mean / invstd and
+updates the running statistics in place. One launch, no memset, no host synchronisation.
+"""
+import triton
+import triton.language as tl
+
+from .tiles import arrive_is_last, split_range, tile_index, tile_offsets
+
+
+@triton.jit
+def _fold_lanes(count, mean, m2, axis: tl.constexpr):
+    """Merge Welford states along ``axis`` (exact parallel formula, fp32)."""
+    n = tl.sum(count, axis)
+    mu = tl.sum(count * mean, axis) / tl.maximum(n, 1.0)
+    d = mean - tl.expand_dims(mu, axis)
+    q = tl.sum(m2 + count * d * d, axis)
+    return n, mu, q
+
+
+@triton.jit
+def bn_stats_kernel(
+    x_ptr,            # input: [O0, O1, O2, I, C] through strides sx*
+    partial_ptr,      # fp32 [3, num_splits, C]: count, mean, M2 of each split
+    counter_ptr,      # int32 [num channel blocks], zero on entry and on exit
+    mean_ptr,         # fp32 [C] out: batch mean (saved for backward)
+    invstd_ptr,       # fp32 [C] out: 1 / sqrt(var + eps) (saved for backward)
+    run_mean_ptr,     # [C] running_mean, updated in place when UPDATE_RUNNING
+    run_var_ptr,      # [C] running_var, updated in place when UPDATE_RUNNING
+    nbt_ptr,          # int64 [1] num_batches_tracked, read when CUMULATIVE
+    momentum, eps,    # floats
+    O1, O2, O, I, C,  # outer dims 1, 2, total outer size, inner size, channels
+    sx0, sx1, sx2, sxi, sxc,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,          # splits merged per step by the finalizer
+    CONTIG: tl.constexpr, INT64: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+):
+    c_block = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    num_tiles = tl.cdiv(O, BLOCK_O) * tl.cdiv(I, BLOCK_I)
+    begin, end = split_range(num_tiles, split, num_splits)
+
+    count = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
+    mean = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
+    for tile in range(begin, end):
+        o0, o1, o2, i, c, mask = tile_index(tile, c_block, O1, O2, O, I, C,
+                                            BLOCK_O, BLOCK_I, BLOCK_C, INT64)
+        offs = tile_offsets(o0, o1, o2, i, c, sx0, sx1, sx2, sxi, sxc, CONTIG)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        count += mask.to(tl.float32)
+        delta = x - mean
+        mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
+        m2 += tl.where(mask, delta * (x - mean), 0.0)
+
+    # Lanes -> one state per channel: fold inner then outer.
+    n_oc, mu_oc, q_oc = _fold_lanes(count, mean, m2, 1)
+    n_c, mu_c, q_c = _fold_lanes(n_oc, mu_oc, q_oc, 0)
+
+    c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    stride_part = num_splits * C
+    p = partial_ptr + split * C + c
+    tl.store(p, n_c, mask=c_mask)
+    tl.store(p + stride_part, mu_c, mask=c_mask)
+    tl.store(p + 2 * stride_part, q_c, mask=c_mask)
+
+    if arrive_is_last(counter_ptr + c_block, num_splits):
+        n_acc = tl.zeros([BLOCK_C], tl.float32)
+        mu_acc = tl.zeros([BLOCK_C], tl.float32)
+        q_acc = tl.zeros([BLOCK_C], tl.float32)
+        for s0 in range(0, num_splits, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            m = (s < num_splits)[:, None] & c_mask[None, :]
+            ps = partial_ptr + s[:, None] * C + c[None, :]
+            n_s = tl.load(ps, mask=m, other=0.0, cache_modifier=".cg")
+            mu_s = tl.load(ps + stride_part, mask=m, other=0.0, cache_modifier=".cg")
+            q_s = tl.load(ps + 2 * stride_part, mask=m, other=0.0, cache_modifier=".cg")
+            n_b, mu_b, q_b = _fold_lanes(n_s, mu_s, q_s, 0)
+            # Chan's merge of (n_acc, mu_acc, q_acc) with (n_b, mu_b, q_b).
+            n_new = n_acc + n_b
+            d = mu_b - mu_acc
+            w_b = n_b / tl.maximum(n_new, 1.0)
+            mu_acc = mu_acc + d * w_b
+            q_acc = q_acc + q_b + d * d * n_acc * w_b
+            n_acc = n_new
+        var = q_acc / tl.maximum(n_acc, 1.0)  # n_acc = 0 only in masked lanes
+        invstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        tl.store(mean_ptr + c, mu_acc, mask=c_mask)
+        tl.store(invstd_ptr + c, invstd, mask=c_mask)
+        if UPDATE_RUNNING:
+            if CUMULATIVE:
+                f = 1.0 / tl.load(nbt_ptr).to(tl.float32)
+            else:
+                f = momentum
+            rm = tl.load(run_mean_ptr + c, mask=c_mask, other=0.0)
+            rv = tl.load(run_var_ptr + c, mask=c_mask, other=0.0)
+            unbiased = var * n_acc / tl.maximum(n_acc - 1.0, 1.0)  # M > 1 in training
+            new_rm = f * mu_acc + (1.0 - f) * rm.to(tl.float32)
+            new_rv = f * unbiased + (1.0 - f) * rv.to(tl.float32)
+            tl.store(run_mean_ptr + c, new_rm.to(rm.dtype), mask=c_mask)
+            tl.store(run_var_ptr + c, new_rv.to(rv.dtype), mask=c_mask)

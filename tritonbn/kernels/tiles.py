@@ -1,0 +1,71 @@
+"""Triton helpers shared by every tritonbn kernel: tile indexing over the
+``[outer(o0, o1, o2), inner, channel]`` view built by :mod:`tritonbn.kernels.geometry`,
+and the "last program of a channel block finalizes" handshake."""
+import triton
+import triton.language as tl
+
+# Axis with unit stride in every tensor of a launch: lets the compiler see contiguity and
+# emit 128-bit accesses. Passed as the CONTIG constexpr.
+CONTIG_NONE = 0
+CONTIG_INNER = 1
+CONTIG_CHANNEL = 2
+
+
+@triton.jit
+def tile_index(tile, c_block, O1, O2, O, I, C,
+               BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
+               INT64: tl.constexpr):
+    """Indices of tile ``tile`` (row-major over (outer tiles, inner tiles)) of channel block
+    ``c_block``. Returns o0, o1, o2 [BLOCK_O], i [BLOCK_I], c [BLOCK_C] and the [O, I, C] mask."""
+    num_i_tiles = tl.cdiv(I, BLOCK_I)
+    o = (tile // num_i_tiles) * BLOCK_O + tl.arange(0, BLOCK_O)
+    i = (tile % num_i_tiles) * BLOCK_I + tl.arange(0, BLOCK_I)
+    c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    if INT64:
+        o = o.to(tl.int64)
+        i = i.to(tl.int64)
+        c = c.to(tl.int64)
+    mask = (o < O)[:, None, None] & (i < I)[None, :, None] & (c < C)[None, None, :]
+    # Row decomposition: once per row, not per element.
+    o2 = o % O2
+    o01 = o // O2
+    return o01 // O1, o01 % O1, o2, i, c, mask
+
+
+@triton.jit
+def tile_offsets(o0, o1, o2, i, c, s0, s1, s2, s_inner, s_chan, CONTIG: tl.constexpr):
+    """Element offsets [BLOCK_O, BLOCK_I, BLOCK_C] of one tensor from its strides."""
+    row = o0 * s0 + o1 * s1 + o2 * s2
+    if CONTIG == 1:
+        inner = i
+    else:
+        inner = i * s_inner
+    if CONTIG == 2:
+        chan = c
+    else:
+        chan = c * s_chan
+    return row[:, None, None] + inner[None, :, None] + chan[None, None, :]
+
+
+@triton.jit
+def split_range(num_tiles, split, num_splits):
+    """Contiguous range of tiles handled by program ``split`` of ``num_splits``."""
+    per_split = tl.cdiv(num_tiles, num_splits)
+    begin = split * per_split
+    end = tl.minimum(begin + per_split, num_tiles)
+    return begin, end
+
+
+@triton.jit
+def arrive_is_last(counter_ptr, num_splits):
+    """Publish this program's partials and count it in; True for the last of ``num_splits``.
+
+    The barrier orders every thread's partial stores before the single release-acquire
+    atomic; the last arriver resets the counter so the buffer is zero again for the next
+    launch (no memset launch needed)."""
+    tl.debug_barrier()
+    old = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    is_last = old == num_splits - 1
+    if is_last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+    return is_last

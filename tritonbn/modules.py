@@ -1,0 +1,66 @@
+"""``tritonbn.BatchNorm1d/2d/3d``: subclasses of torch's classes (same constructor,
+parameters, buffers and state_dict) whose forward runs the Triton kernels, and
+``convert_model`` to switch an existing model over in place."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .functional import _batch_norm, runs_on_triton
+
+
+class _TritonBatchNorm:
+    """Mixin holding the forward of torch's ``_BatchNorm`` with one change: for
+    momentum=None the factor 1/num_batches_tracked is read on the device instead of
+    ``float(num_batches_tracked)`` on the host."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not runs_on_triton(input):
+            return super().forward(input)
+        self._check_input_dim(input)
+        momentum = self.momentum
+        num_batches_tracked = None
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                num_batches_tracked = self.num_batches_tracked
+            elif momentum is None:  # torch uses a factor of 0.0 here
+                momentum = 0.0
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        return _batch_norm(
+            input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight, self.bias, bn_training, momentum, self.eps, num_batches_tracked)
+
+
+class BatchNorm1d(_TritonBatchNorm, nn.BatchNorm1d):
+    """Triton drop-in for :class:`torch.nn.BatchNorm1d`, input (N, C) or (N, C, L)."""
+
+
+class BatchNorm2d(_TritonBatchNorm, nn.BatchNorm2d):
+    """Triton drop-in for :class:`torch.nn.BatchNorm2d`, input (N, C, H, W)."""
+
+
+class BatchNorm3d(_TritonBatchNorm, nn.BatchNorm3d):
+    """Triton drop-in for :class:`torch.nn.BatchNorm3d`, input (N, C, D, H, W)."""
+
+
+_REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
+                 nn.BatchNorm3d: BatchNorm3d}
+
+
+def convert_model(module: nn.Module) -> nn.Module:
+    """Turn every torch BatchNorm1d/2d/3d in ``module`` (itself included) into its tritonbn
+    counterpart, in place, and return ``module``.
+
+    The class of each layer is switched, so the very same parameter and buffer objects stay
+    (optimizers holding them keep working), with their device, dtype, requires_grad, the
+    training flag and hooks. Only exact torch classes are converted: a user subclass may
+    override forward and is left alone."""
+    for m in module.modules():
+        replacement = _REPLACEMENTS.get(type(m))
+        if replacement is not None:
+            m.__class__ = replacement
+    return module

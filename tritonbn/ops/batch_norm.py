@@ -1,0 +1,148 @@
+"""BatchNorm as PyTorch custom operators backed by the Triton kernels.
+
+    tritonbn::batch_norm_stats     batch mean/invstd + running-stat update (1 launch)
+    tritonbn::batch_norm_apply     normalize + affine (1 launch), differentiable
+    tritonbn::batch_norm_backward  gradient statistics + grad_input (2 launches)
+
+Training forward = stats + apply (2 launches), eval forward = apply alone (1 launch).
+Registered with ``torch.library.custom_op`` (fake implementations included) so that
+torch.compile(fullgraph=True) treats them as opaque nodes. A custom op that mutates its
+arguments cannot carry an autograd formula, hence the split: the mutating statistics op is
+not differentiable, and the backward of ``batch_norm_apply`` with ``batch_stats=True`` is
+the full BatchNorm gradient, including the path through mean and invstd.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..kernels.geometry import make_geometry
+from ..kernels.launch import launch_apply, launch_grad_stats, launch_stats
+
+
+@torch.library.custom_op(
+    "tritonbn::batch_norm_stats", mutates_args=("running_mean", "running_var")
+)
+def batch_norm_stats(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Batch (mean, invstd), fp32 [C], and the in-place running-statistics update.
+    ``momentum=None`` means the cumulative average, factor 1/num_batches_tracked read on the
+    device. Not differentiable: the gradient through the statistics is part of
+    batch_norm_apply's backward."""
+    C = input.shape[1]
+    if input.numel() == 0:  # torch leaves the running statistics as they are
+        zeros = input.new_zeros(C, dtype=torch.float32)
+        return zeros, zeros.clone()
+    return launch_stats(input, make_geometry(input), running_mean, running_var,
+                        num_batches_tracked, momentum, eps)
+
+
+@batch_norm_stats.register_fake
+def _(input, running_mean, running_var, num_batches_tracked, momentum, eps):
+    C = input.shape[1]
+    return input.new_empty(C, dtype=torch.float32), input.new_empty(C, dtype=torch.float32)
+
+
+@torch.library.custom_op("tritonbn::batch_norm_apply", mutates_args=())
+def batch_norm_apply(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    stat: Tensor,
+    batch_stats: bool,
+    eps: float,
+) -> Tensor:
+    """y = (x - mean) * invstd * weight + bias, in the input's dtype and memory format.
+
+    ``batch_stats``: mean/stat are the batch mean/invstd from batch_norm_stats, and the
+    backward differentiates through them (full BatchNorm training gradient). Otherwise they
+    are running_mean/running_var (eval) and invstd = 1/sqrt(running_var + eps)."""
+    output = torch.empty_like(input)
+    if input.numel() == 0:
+        return output
+    return launch_apply(input, None, output, mean, stat, weight, bias, None, eps,
+                        stat_is_var=not batch_stats, backward=False)
+
+
+@batch_norm_apply.register_fake
+def _(input, weight, bias, mean, stat, batch_stats, eps):
+    return torch.empty_like(input)
+
+
+@torch.library.custom_op("tritonbn::batch_norm_backward", mutates_args=())
+def batch_norm_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    stat: Tensor,
+    batch_stats: bool,
+    eps: float,
+    grad_input_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias); an entry whose mask is False is empty.
+
+    ``batch_stats``: mean/stat are the saved batch mean/invstd (training). Otherwise they
+    are running_mean/running_var (eval), and invstd = 1/sqrt(running_var + eps)."""
+    want_input, want_weight, want_bias = grad_input_mask
+    C = input.shape[1]
+    grad_input = torch.empty_like(input) if want_input else input.new_empty(0)
+    grad_weight = (torch.empty_like(weight) if want_weight else input.new_empty(0))
+    grad_bias = (torch.empty(C, dtype=weight.dtype if weight is not None else input.dtype,
+                             device=input.device) if want_bias else input.new_empty(0))
+    if input.numel() == 0:
+        grad_weight.zero_()
+        grad_bias.zero_()
+        return grad_input, grad_weight, grad_bias
+    coef = None
+    if want_weight or want_bias or (want_input and batch_stats):
+        coef = launch_grad_stats(
+            input, grad_output, mean, stat, eps, stat_is_var=not batch_stats,
+            grad_weight=grad_weight if want_weight else None,
+            grad_bias=grad_bias if want_bias else None,
+            want_coef=want_input and batch_stats)
+    if want_input:
+        launch_apply(input, grad_output, grad_input, mean, stat, weight, None, coef, eps,
+                     stat_is_var=not batch_stats, backward=True)
+    return grad_input, grad_weight, grad_bias
+
+
+@batch_norm_backward.register_fake
+def _(grad_output, input, weight, mean, stat, batch_stats, eps, grad_input_mask):
+    want_input, want_weight, want_bias = grad_input_mask
+    C = input.shape[1]
+    grad_input = torch.empty_like(input) if want_input else input.new_empty(0)
+    grad_weight = torch.empty_like(weight) if want_weight else input.new_empty(0)
+    dtype = weight.dtype if weight is not None else input.dtype
+    grad_bias = input.new_empty(C, dtype=dtype) if want_bias else input.new_empty(0)
+    return grad_input, grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, mean, stat, batch_stats, eps = inputs
+    ctx.save_for_backward(input, weight, mean, stat)
+    ctx.batch_stats = batch_stats
+    ctx.eps = eps
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_output):
+    input, weight, mean, stat = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2]]
+    grad_input, grad_weight, grad_bias = torch.ops.tritonbn.batch_norm_backward(
+        grad_output, input, weight, mean, stat, ctx.batch_stats, ctx.eps, mask)
+    return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
+            grad_bias if mask[2] else None, None, None, None, None)
+
+
+batch_norm_apply.register_autograd(_backward, setup_context=_setup_context)
