@@ -15,7 +15,7 @@ from .grad_stats import load_channel_stats
 from .tiles import tile_index, tile_offsets
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["KEY_M", "KEY_C"])
 def bn_apply_kernel(
     x_ptr,            # input [O0, O1, O2, I, C] through strides sx*
     dy_ptr,           # grad_output (BACKWARD only), strides sd*
@@ -30,6 +30,7 @@ def bn_apply_kernel(
     sx0, sx1, sx2, sxi, sxc,
     sd0, sd1, sd2, sdi, sdc,
     so0, so1, so2, soi, soc,
+    KEY_M, KEY_C,     # power-of-two buckets of M and C: autotuning key only
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
     CONTIG: tl.constexpr, INT64: tl.constexpr, STAT_IS_VAR: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,

@@ -31,7 +31,7 @@ def load_channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, STAT_IS_VAR: tl.const
     return mean, stat
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["KEY_M", "KEY_C"])
 def bn_grad_stats_kernel(
     x_ptr,            # input [O0, O1, O2, I, C] through strides sx*
     dy_ptr,           # grad_output, same shape, strides sd*
@@ -46,8 +46,10 @@ def bn_grad_stats_kernel(
     O1, O2, O, I, C,
     sx0, sx1, sx2, sxi, sxc,
     sd0, sd1, sd2, sdi, sdc,
+    KEY_M, KEY_C,     # power-of-two buckets of M and C: autotuning key only
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr, CONTIG: tl.constexpr, INT64: tl.constexpr,
+    WAVES: tl.constexpr,            # split factor: programs per SM the grid aims for (host side)
+    CONTIG: tl.constexpr, INT64: tl.constexpr,
     STAT_IS_VAR: tl.constexpr, HAS_GRAD_WEIGHT: tl.constexpr,
     HAS_GRAD_BIAS: tl.constexpr, WRITE_COEF: tl.constexpr,
 ):
@@ -79,6 +81,8 @@ def bn_grad_stats_kernel(
     tl.store(p + stride_part, tl.sum(tl.sum(sum_dy_xmu, 1), 0), mask=c_mask)
 
     if arrive_is_last(counter_ptr + c_block, num_splits):
+        # Splits merged per step: a [BLOCK_S, BLOCK_C] slab of at most 2048 partials.
+        BLOCK_S: tl.constexpr = 64 if BLOCK_C < 32 else 2048 // BLOCK_C
         dbeta = tl.zeros([BLOCK_C], tl.float32)
         dot = tl.zeros([BLOCK_C], tl.float32)
         for s0 in range(0, num_splits, BLOCK_S):

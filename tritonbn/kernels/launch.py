@@ -1,69 +1,122 @@
-"""Launchers: shape -> tile configuration -> grid -> kernel. Host code only reads shapes,
-strides and dtypes (never tensor values), so nothing here synchronises with the device."""
+"""Launchers: shape -> config (autotuned or the fixed default) -> grid -> kernel.
+
+Host code reads only shapes, strides and dtypes, never tensor values, so nothing here
+synchronises with the device. Set TRITONBN_AUTOTUNE=0 to use the fixed default config of
+configs.default_config instead of autotuning.
+"""
 from __future__ import annotations
 
 import functools
+import os
+import time
 
 import torch
 import triton
 
+from . import configs as C_
 from .apply import bn_apply_kernel
 from .geometry import Geometry, make_geometry
 from .grad_stats import bn_grad_stats_kernel
 from .stats import bn_stats_kernel
-from .tiles import CONTIG_CHANNEL
 
 INTERPRETED = type(bn_stats_kernel).__name__ == "InterpretedFunction"
 
-# Upper bound of splits per channel block: bounds the finalizer's work and the partials.
-MAX_SPLITS = 1024
+
+def autotune_enabled() -> bool:
+    """Autotuning is on unless TRITONBN_AUTOTUNE=0 (read at every call)."""
+    return os.environ.get("TRITONBN_AUTOTUNE", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
-def _programs_target(device: torch.device) -> int:
-    """Programs a reduction should start to fill the device (a few waves per SM)."""
+def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # interpreter: programs run one after another; a few exercise the split path
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreter: programs run one by one; a few still exercise the split path
 
 
-def _pow2_at_most(n: int, cap: int) -> int:
-    return max(1, min(triton.next_power_of_2(max(n, 1)), cap))
+def _num_tiles(geom: Geometry, meta: dict) -> int:
+    return (triton.cdiv(geom.outer_size, meta["BLOCK_O"])
+            * triton.cdiv(geom.inner_size, meta["BLOCK_I"]))
 
 
-def tile_config(geom: Geometry, elem_size: int) -> dict:
-    """Block sizes of a ``[BLOCK_O, BLOCK_I, BLOCK_C]`` tile: about ``budget`` elements,
-    spread first along the unit-stride axis so that each thread issues 128-bit accesses."""
-    budget = 512 if INTERPRETED else 4096
-    o, inner, chans = geom.outer_size, geom.inner_size, geom.channels
-    if geom.contig == CONTIG_CHANNEL:
-        block_c = _pow2_at_most(chans, 256 if elem_size < 4 else 128)
-        block_i = _pow2_at_most(inner, budget // block_c)
-        block_o = _pow2_at_most(o, budget // (block_c * block_i))
+def reduction_grid(geom: Geometry, meta: dict, device: torch.device) -> tuple[int, int]:
+    """(channel blocks, splits): about WAVES programs per SM, no empty split."""
+    c_blocks = triton.cdiv(geom.channels, meta["BLOCK_C"])
+    tiles = _num_tiles(geom, meta)
+    target = meta["WAVES"] * _sm_count(device)
+    splits = min(tiles, C_.MAX_SPLITS, max(1, triton.cdiv(target, c_blocks)))
+    return c_blocks, triton.cdiv(tiles, triton.cdiv(tiles, splits))
+
+
+def apply_grid(geom: Geometry, meta: dict) -> tuple[int]:
+    return (_num_tiles(geom, meta) * triton.cdiv(geom.channels, meta["BLOCK_C"]),)
+
+
+def _max_splits(geom: Geometry, device: torch.device, default: dict) -> int:
+    """Most splits any candidate config can launch: sizes the partials workspace."""
+    cands = C_.kernel_configs(reduction=True) if autotune_enabled() else []
+    metas = [c.kwargs for c in cands] + [default]
+    return max(reduction_grid(geom, m, device)[1] for m in metas)
+
+
+def _prune(configs, named_args, **kwargs):
+    """early_config_prune: keep the configs that can pay off for this shape."""
+    outer, inner, chans = named_args["O"], named_args["I"], named_args["C"]
+    target = 2 * _sm_count(named_args["x_ptr"].device)
+    kept = [c for c in configs
+            if C_.config_fits(c.kwargs, outer, inner, chans, kwargs["CONTIG"], target)]
+    if kept:
+        return kept
+    # Tiny problem: nothing fits; take the smallest tiles that do not exceed it.
+    small = [c for c in configs if c.kwargs["BLOCK_O"] * c.kwargs["BLOCK_I"]
+             * c.kwargs["BLOCK_C"] == min(C_.VOLUME_WARPS)]
+    return small[:1] or configs[:1]
+
+
+def _cpu_bench(kernel_call, quantiles=None):
+    """Benchmark for the interpreter (no GPU timer): one timed CPU run."""
+    start = time.perf_counter()
+    kernel_call()
+    ms = (time.perf_counter() - start) * 1e3
+    return [ms, ms, ms] if quantiles else ms
+
+
+def _autotuned(kernel, reduction: bool, key_flags: list[str], restore: list[str]):
+    return triton.autotune(
+        configs=C_.kernel_configs(reduction),
+        key=["KEY_M", "KEY_C", "CONTIG", *key_flags],
+        prune_configs_by={"early_config_prune": _prune},
+        restore_value=restore,  # trials must not advance the running statistics
+        do_bench=_cpu_bench if INTERPRETED else None,
+    )(kernel)
+
+
+TUNED = {
+    "bn_stats_kernel": _autotuned(bn_stats_kernel, True, ["UPDATE_RUNNING"],
+                                  ["run_mean_ptr", "run_var_ptr"]),
+    "bn_grad_stats_kernel": _autotuned(bn_grad_stats_kernel, True, ["WRITE_COEF"], []),
+    "bn_apply_kernel": _autotuned(bn_apply_kernel, False, ["BACKWARD", "BATCH_STATS"], []),
+}
+RAW = {"bn_stats_kernel": bn_stats_kernel, "bn_grad_stats_kernel": bn_grad_stats_kernel,
+       "bn_apply_kernel": bn_apply_kernel}
+
+
+def chosen_configs() -> dict[str, dict[tuple, dict]]:
+    """Autotuning decisions so far: kernel name -> {tuning key -> chosen config kwargs}."""
+    return {name: {key: dict(cfg.all_kwargs()) for key, cfg in tuner.cache.items()}
+            for name, tuner in TUNED.items()}
+
+
+def _launch(name: str, grid, geom: Geometry, elem_size: int, args: tuple, flags: dict):
+    keys = dict(KEY_M=triton.next_power_of_2(geom.reduction_size),
+                KEY_C=triton.next_power_of_2(geom.channels))
+    if autotune_enabled():
+        TUNED[name][grid](*args, **keys, **flags)
     else:
-        block_i = _pow2_at_most(inner, budget)
-        block_o = _pow2_at_most(o, budget // block_i)
-        block_c = _pow2_at_most(chans, budget // (block_i * block_o))
-    elems = block_o * block_i * block_c
-    return dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_C=block_c,
-                num_warps=8 if elems >= 4096 else 4)
-
-
-def _num_tiles(geom: Geometry, cfg: dict) -> int:
-    return triton.cdiv(geom.outer_size, cfg["BLOCK_O"]) * triton.cdiv(geom.inner_size, cfg["BLOCK_I"])
-
-
-def reduction_grid(geom: Geometry, cfg: dict, device: torch.device) -> tuple[int, int]:
-    """(channel blocks, splits): enough programs to fill the device, no empty split."""
-    c_blocks = triton.cdiv(geom.channels, cfg["BLOCK_C"])
-    tiles = _num_tiles(geom, cfg)
-    splits = min(tiles, MAX_SPLITS, max(1, triton.cdiv(_programs_target(device), c_blocks)))
-    per_split = triton.cdiv(tiles, splits)
-    return c_blocks, triton.cdiv(tiles, per_split)
-
-
-def _finalize_block(cfg: dict) -> int:
-    return _pow2_at_most(2048 // cfg["BLOCK_C"], 64)
+        cfg = C_.default_config(geom, elem_size, INTERPRETED)
+        if name == "bn_apply_kernel":
+            cfg.pop("WAVES")
+        RAW[name][grid](*args, **keys, **flags, **cfg)
 
 
 class _Counters:
@@ -87,47 +140,49 @@ def _dummy(device: torch.device) -> torch.Tensor:
     return torch.empty(0, dtype=torch.float32, device=device)
 
 
+def _workspace(geom: Geometry, device: torch.device, elem_size: int, rows: int):
+    """fp32 partials [rows, splits, C] and counters sized for every candidate config."""
+    default = C_.default_config(geom, elem_size, INTERPRETED)
+    splits = _max_splits(geom, device, default)
+    partials = torch.empty((rows, splits, geom.channels), dtype=torch.float32, device=device)
+    return partials, counters.get(device, geom.channels)
+
+
 def launch_stats(x, geom, running_mean, running_var, num_batches_tracked, momentum, eps):
     """Batch mean and invstd (fp32 [C]); updates running stats in place when given."""
     device = x.device
-    cfg = tile_config(geom, x.element_size())
-    grid = reduction_grid(geom, cfg, device)
     C = geom.channels
     mean = torch.empty(C, dtype=torch.float32, device=device)
     invstd = torch.empty(C, dtype=torch.float32, device=device)
-    partials = torch.empty((3, grid[1], C), dtype=torch.float32, device=device)
+    partials, counter = _workspace(geom, device, x.element_size(), 3)
     update = running_mean is not None
     cumulative = update and momentum is None
     dummy = _dummy(device)
-    bn_stats_kernel[grid](
-        x, partials, counters.get(device, grid[0]), mean, invstd,
-        running_mean if update else dummy, running_var if update else dummy,
-        num_batches_tracked if cumulative else dummy,
-        0.0 if momentum is None else float(momentum), float(eps),
-        *geom.sizes, *geom.strides[0],
-        BLOCK_S=_finalize_block(cfg), CONTIG=geom.contig, INT64=geom.needs_int64,
-        UPDATE_RUNNING=update, CUMULATIVE=cumulative, **cfg,
-    )
+    args = (x, partials, counter, mean, invstd,
+            running_mean if update else dummy, running_var if update else dummy,
+            num_batches_tracked if cumulative else dummy,
+            0.0 if momentum is None else float(momentum), float(eps),
+            *geom.sizes)
+    _launch("bn_stats_kernel", lambda m: reduction_grid(geom, m, device), geom,
+            x.element_size(), args + tuple(geom.strides[0]),
+            dict(CONTIG=geom.contig, INT64=geom.needs_int64, UPDATE_RUNNING=update,
+                 CUMULATIVE=cumulative))
     return mean, invstd
 
 
 def launch_apply(x, dy, out, mean, stat, weight, bias, coef, eps, *, stat_is_var, backward):
     """y (forward) or grad_input (backward) into ``out``."""
-    tensors = (x, dy, out) if backward else (x, out)
-    geom = make_geometry(*tensors)
+    geom = make_geometry(*((x, dy, out) if backward else (x, out)))
     strides = geom.strides if backward else (geom.strides[0], geom.strides[0], geom.strides[1])
-    cfg = tile_config(geom, x.element_size())
-    grid = (_num_tiles(geom, cfg) * triton.cdiv(geom.channels, cfg["BLOCK_C"]),)
     dummy = _dummy(x.device)
-    bn_apply_kernel[grid](
-        x, dy if backward else dummy, out, mean, stat,
-        dummy if weight is None else weight, dummy if bias is None else bias,
-        dummy if coef is None else coef, float(eps),
-        *geom.sizes, *strides[0], *strides[1], *strides[2],
-        CONTIG=geom.contig, INT64=geom.needs_int64, STAT_IS_VAR=stat_is_var,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BACKWARD=backward, BATCH_STATS=coef is not None, **cfg,
-    )
+    args = (x, dy if backward else dummy, out, mean, stat,
+            dummy if weight is None else weight, dummy if bias is None else bias,
+            dummy if coef is None else coef, float(eps), *geom.sizes)
+    _launch("bn_apply_kernel", lambda m: apply_grid(geom, m), geom, x.element_size(),
+            args + tuple(strides[0]) + tuple(strides[1]) + tuple(strides[2]),
+            dict(CONTIG=geom.contig, INT64=geom.needs_int64, STAT_IS_VAR=stat_is_var,
+                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                 BACKWARD=backward, BATCH_STATS=coef is not None))
     return out
 
 
@@ -136,21 +191,18 @@ def launch_grad_stats(x, dy, mean, stat, eps, *, stat_is_var, grad_weight, grad_
     coefficients of grad_input when ``want_coef``."""
     device = x.device
     geom = make_geometry(x, dy)
-    cfg = tile_config(geom, x.element_size())
-    grid = reduction_grid(geom, cfg, device)
     C = geom.channels
-    partials = torch.empty((2, grid[1], C), dtype=torch.float32, device=device)
+    partials, counter = _workspace(geom, device, x.element_size(), 2)
     coef = torch.empty((2, C), dtype=torch.float32, device=device) if want_coef else None
     dummy = _dummy(device)
-    bn_grad_stats_kernel[grid](
-        x, dy, partials, counters.get(device, grid[0]), mean, stat,
-        dummy if grad_weight is None else grad_weight,
-        dummy if grad_bias is None else grad_bias,
-        dummy if coef is None else coef,
-        float(eps), 1.0 / geom.reduction_size,
-        *geom.sizes, *geom.strides[0], *geom.strides[1],
-        BLOCK_S=_finalize_block(cfg), CONTIG=geom.contig, INT64=geom.needs_int64,
-        STAT_IS_VAR=stat_is_var, HAS_GRAD_WEIGHT=grad_weight is not None,
-        HAS_GRAD_BIAS=grad_bias is not None, WRITE_COEF=want_coef, **cfg,
-    )
+    args = (x, dy, partials, counter, mean, stat,
+            dummy if grad_weight is None else grad_weight,
+            dummy if grad_bias is None else grad_bias,
+            dummy if coef is None else coef,
+            float(eps), 1.0 / geom.reduction_size, *geom.sizes)
+    _launch("bn_grad_stats_kernel", lambda m: reduction_grid(geom, m, device), geom,
+            x.element_size(), args + tuple(geom.strides[0]) + tuple(geom.strides[1]),
+            dict(CONTIG=geom.contig, INT64=geom.needs_int64, STAT_IS_VAR=stat_is_var,
+                 HAS_GRAD_WEIGHT=grad_weight is not None, HAS_GRAD_BIAS=grad_bias is not None,
+                 WRITE_COEF=want_coef))
     return coef

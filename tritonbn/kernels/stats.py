@@ -29,7 +29,7 @@ def _fold_lanes(count, mean, m2, axis: tl.constexpr):
     return n, mu, q
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["KEY_M", "KEY_C"])
 def bn_stats_kernel(
     x_ptr,            # input: [O0, O1, O2, I, C] through strides sx*
     partial_ptr,      # fp32 [3, num_splits, C]: count, mean, M2 of each split
@@ -42,8 +42,9 @@ def bn_stats_kernel(
     momentum, eps,    # floats
     O1, O2, O, I, C,  # outer dims 1, 2, total outer size, inner size, channels
     sx0, sx1, sx2, sxi, sxc,
+    KEY_M, KEY_C,     # power-of-two buckets of M and C: autotuning key only
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,          # splits merged per step by the finalizer
+    WAVES: tl.constexpr,            # split factor: programs per SM the grid aims for (host side)
     CONTIG: tl.constexpr, INT64: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
 ):
@@ -79,6 +80,8 @@ def bn_stats_kernel(
     tl.store(p + 2 * stride_part, q_c, mask=c_mask)
 
     if arrive_is_last(counter_ptr + c_block, num_splits):
+        # Splits merged per step: a [BLOCK_S, BLOCK_C] slab of at most 2048 partials.
+        BLOCK_S: tl.constexpr = 64 if BLOCK_C < 32 else 2048 // BLOCK_C
         n_acc = tl.zeros([BLOCK_C], tl.float32)
         mu_acc = tl.zeros([BLOCK_C], tl.float32)
         q_acc = tl.zeros([BLOCK_C], tl.float32)

@@ -1,0 +1,92 @@
+"""Tuning space of the tritonbn kernels, shape-based pruning, and the fixed default config.
+
+A config is a tile ``[BLOCK_O, BLOCK_I, BLOCK_C]`` (outer rows x inner x channels, see
+geometry.py) with its num_warps, plus, for the two split reductions, WAVES: how many
+programs per SM the split aims for (the split factor). The space is small on purpose: every
+config is compiled and checked (tests/kernels/test_configs.py, perf/kernel_report.py), and
+pruning leaves a handful per shape, so first-call tuning stays short.
+"""
+from __future__ import annotations
+
+import itertools
+
+import triton
+
+from .geometry import Geometry
+from .tiles import CONTIG_CHANNEL, CONTIG_INNER
+
+# Tile volumes: 1024 elements with 4 warps (8 per thread) and 4096 with 8 warps (16 per
+# thread). Larger tiles spill the fp32 Welford state (3 values per element) on sm_90.
+VOLUME_WARPS = {1024: 4, 4096: 8}
+BLOCK_O_CHOICES = (1, 4)
+# Powers of 4 keep the space small while covering 1 .. 4096 along inner / channel axes.
+BLOCK_IC_CHOICES = (1, 4, 16, 64, 256, 1024, 4096)
+WAVES_CHOICES = (2, 8)
+# Smallest block along the unit-stride axis, when the axis is that long: 16 elements keep
+# every thread on 128-bit accesses (4 x fp32 / 8 x bf16) and each row segment >= 64 bytes.
+MIN_CONTIG_BLOCK = 16
+MAX_SPLITS = 1024
+
+
+def _tiles():
+    for volume, warps in VOLUME_WARPS.items():
+        for bo, bi, bc in itertools.product(BLOCK_O_CHOICES, BLOCK_IC_CHOICES, BLOCK_IC_CHOICES):
+            if bo * bi * bc == volume and bc <= 256:
+                yield dict(BLOCK_O=bo, BLOCK_I=bi, BLOCK_C=bc), warps
+
+
+def kernel_configs(reduction: bool) -> list[triton.Config]:
+    """Every config of a kernel: reductions also tune WAVES (the split factor)."""
+    waves = WAVES_CHOICES if reduction else (None,)
+    out = []
+    for (tile, warps), w in itertools.product(_tiles(), waves):
+        kwargs = dict(tile) if w is None else dict(tile, WAVES=w)
+        out.append(triton.Config(kwargs, num_warps=warps, num_stages=1))
+    return out
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def config_fits(cfg: dict, outer: int, inner: int, channels: int, contig: int,
+                programs_target: int) -> bool:
+    """Whether a tile can pay off for this shape (the pruning rules):
+    1. no block is larger than its axis rounded up to a power of two (wasted lanes);
+    2. the block along the unit-stride axis is at least MIN_CONTIG_BLOCK (or the whole
+       axis), so that accesses stay 128-bit;
+    3. a 4096-element tile is dropped when the problem is too small to give the device
+       `programs_target` programs with it (a 1024-element tile fills it better)."""
+    bo, bi, bc = cfg["BLOCK_O"], cfg["BLOCK_I"], cfg["BLOCK_C"]
+    if bo > _pow2(outer) or bi > _pow2(inner) or bc > _pow2(channels):
+        return False
+    if contig == CONTIG_INNER and bi < min(_pow2(inner), MIN_CONTIG_BLOCK):
+        return False
+    if contig == CONTIG_CHANNEL and bc < min(_pow2(channels), MIN_CONTIG_BLOCK):
+        return False
+    volume = bo * bi * bc
+    if volume > min(VOLUME_WARPS) and outer * inner * channels < volume * programs_target:
+        return False
+    return True
+
+
+def default_config(geom: Geometry, elem_size: int, interpreted: bool) -> dict:
+    """The fixed config used when autotuning is off: a tile of about 4096 elements (512 in
+    the interpreter, where programs run one by one), filled first along the unit-stride
+    axis so each thread issues 128-bit accesses."""
+    budget = 512 if interpreted else 4096
+    o, inner, chans = geom.outer_size, geom.inner_size, geom.channels
+
+    def fit(n, cap):
+        return max(1, min(_pow2(n), cap))
+
+    if geom.contig == CONTIG_CHANNEL:
+        bc = fit(chans, 256 if elem_size < 4 else 128)
+        bi = fit(inner, budget // bc)
+        bo = fit(o, budget // (bc * bi))
+    else:
+        bi = fit(inner, budget)
+        bo = fit(o, budget // bi)
+        bc = fit(chans, budget // (bi * bo))
+    warps = 8 if bo * bi * bc >= 4096 else 4
+    return dict(BLOCK_O=bo, BLOCK_I=bi, BLOCK_C=bc, WAVES=4, num_warps=warps, num_stages=1)
