@@ -5,8 +5,9 @@ with autograd (ops/batch_norm.py) -> launchers (kernels/launch.py) -> Triton ker
 (kernels/stats.py, kernels/grad_stats.py, kernels/apply.py).
 """
 from .functional import batch_norm, runs_on_triton
+from .kernels.launch import autotune_enabled, chosen_configs
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
 
 __all__ = ["batch_norm", "runs_on_triton", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-           "convert_model"]
+           "convert_model", "chosen_configs", "autotune_enabled"]
 __version__ = "0.1.0"

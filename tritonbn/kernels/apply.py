@@ -6,7 +6,10 @@ of each input and one write of the output, in the output's own dtype and layout.
     backward, eval:       dx = dy * weight * invstd
 (k1, k2 from grad_stats.py; weight = 1 and bias = 0 when absent.)
 
-Grid: one program per (tile, channel block), channel block fastest.
+Grid: one program per (tile, channel block), channel block fastest, walked from the last
+tile to the first: the preceding reduction (statistics or gradient statistics) read the
+tensor front to back, so its most recent reads - the ones most likely still in L2 - are
+the first ones this pass asks for again.
 """
 import triton
 import triton.language as tl
@@ -37,7 +40,7 @@ def bn_apply_kernel(
     BACKWARD: tl.constexpr, BATCH_STATS: tl.constexpr,
 ):
     num_c_blocks = tl.cdiv(C, BLOCK_C)
-    pid = tl.program_id(0)
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)  # back to front: see module docstring
     c_block = pid % num_c_blocks
     tile = pid // num_c_blocks
     o0, o1, o2, i, c, mask = tile_index(tile, c_block, O1, O2, O, I, C,

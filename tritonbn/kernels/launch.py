@@ -52,10 +52,13 @@ def apply_grid(geom: Geometry, meta: dict) -> tuple[int]:
     return (_num_tiles(geom, meta) * triton.cdiv(geom.channels, meta["BLOCK_C"]),)
 
 
-def _max_splits(geom: Geometry, device: torch.device, default: dict) -> int:
-    """Most splits any candidate config can launch: sizes the partials workspace."""
-    cands = C_.kernel_configs(reduction=True) if autotune_enabled() else []
-    metas = [c.kwargs for c in cands] + [default]
+@functools.lru_cache(maxsize=4096)
+def _max_splits(geom: Geometry, device: torch.device, elem_size: int, tuned: bool) -> int:
+    """Most splits any candidate config can launch: sizes the partials workspace.
+    Cached: it depends on shapes only, and host time per call matters for small layers."""
+    metas = [C_.default_config(geom, elem_size, INTERPRETED)]
+    if tuned:
+        metas += [c.kwargs for c in C_.kernel_configs(reduction=True)]
     return max(reduction_grid(geom, m, device)[1] for m in metas)
 
 
@@ -142,8 +145,7 @@ def _dummy(device: torch.device) -> torch.Tensor:
 
 def _workspace(geom: Geometry, device: torch.device, elem_size: int, rows: int):
     """fp32 partials [rows, splits, C] and counters sized for every candidate config."""
-    default = C_.default_config(geom, elem_size, INTERPRETED)
-    splits = _max_splits(geom, device, default)
+    splits = _max_splits(geom, device, elem_size, autotune_enabled())
     partials = torch.empty((rows, splits, geom.channels), dtype=torch.float32, device=device)
     return partials, counters.get(device, geom.channels)
 
