@@ -6,13 +6,21 @@
 
 Training forward = stats + apply (2 launches), eval forward = apply alone (1 launch).
 Registered with ``torch.library.custom_op`` (fake implementations included) so that
-torch.compile(fullgraph=True) treats them as opaque nodes. A custom op that mutates its
-arguments cannot carry an autograd formula, hence the split: the mutating statistics op is
-not differentiable, and the backward of ``batch_norm_apply`` with ``batch_stats=True`` is
-the full BatchNorm gradient, including the path through mean and invstd.
+torch.compile(fullgraph=True) and torch.export treat them as opaque nodes. A custom op that
+mutates its arguments cannot carry an autograd formula, hence the split: the mutating
+statistics op is not differentiable, and the backward of ``batch_norm_apply`` with
+``batch_stats=True`` is the full BatchNorm gradient, including the path through mean and
+invstd.
+
+Not ``torch.library.triton_op``: its body is traced with FakeTensors, which the Triton
+interpreter (CPU runs) cannot launch; and Inductor does not fuse into user-defined Triton
+kernels anyway, so it would only save host overhead that CUDA graphs remove as well.
+No autocast rule: like aten::batch_norm (in no autocast cast list), the ops run in their
+input's dtype under torch.autocast, statistics in fp32.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -21,9 +29,17 @@ from torch import Tensor
 from ..kernels.geometry import make_geometry
 from ..kernels.launch import launch_apply, launch_grad_stats, launch_stats
 
+# The kernels take any strides and write outputs in the input's layout (empty_like), and
+# the fake implementations say so. ``flexible_layout`` lets Inductor hand the ops the layout
+# it chose (e.g. channels_last around convolutions) instead of copying every input to the
+# strides seen in eager mode. Older torch without the tag / the ``tags`` argument: default.
+_TAGS = ({"tags": (torch.Tag.flexible_layout,)}
+         if hasattr(torch.Tag, "flexible_layout")
+         and "tags" in inspect.signature(torch.library.custom_op).parameters else {})
+
 
 @torch.library.custom_op(
-    "tritonbn::batch_norm_stats", mutates_args=("running_mean", "running_var")
+    "tritonbn::batch_norm_stats", mutates_args=("running_mean", "running_var"), **_TAGS
 )
 def batch_norm_stats(
     input: Tensor,
@@ -51,7 +67,7 @@ def _(input, running_mean, running_var, num_batches_tracked, momentum, eps):
     return input.new_empty(C, dtype=torch.float32), input.new_empty(C, dtype=torch.float32)
 
 
-@torch.library.custom_op("tritonbn::batch_norm_apply", mutates_args=())
+@torch.library.custom_op("tritonbn::batch_norm_apply", mutates_args=(), **_TAGS)
 def batch_norm_apply(
     input: Tensor,
     weight: Optional[Tensor],
@@ -78,7 +94,7 @@ def _(input, weight, bias, mean, stat, batch_stats, eps):
     return torch.empty_like(input)
 
 
-@torch.library.custom_op("tritonbn::batch_norm_backward", mutates_args=())
+@torch.library.custom_op("tritonbn::batch_norm_backward", mutates_args=(), **_TAGS)
 def batch_norm_backward(
     grad_output: Tensor,
     input: Tensor,
