@@ -54,7 +54,8 @@ def bn_apply_kernel(
     mean = mean[None, None, :]
     scale = scale[None, None, :]
 
-    needs_x = (not BACKWARD) or BATCH_STATS
+    # constexpr: a plain local would make this a runtime branch and leave x undefined below
+    needs_x: tl.constexpr = (not BACKWARD) or BATCH_STATS
     if needs_x:
         x_offs = tile_offsets(o0, o1, o2, i, c, sx0, sx1, sx2, sxi, sxc, CONTIG)
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
