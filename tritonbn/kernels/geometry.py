@@ -16,6 +16,7 @@ so whichever of inner/channel has stride 1 gives coalesced 128-bit accesses.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -63,43 +64,45 @@ class Geometry:
         return (o1, o2, self.outer_size, self.inner_size, self.channels)
 
 
-def _max_offset(t: torch.Tensor) -> int:
-    return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
-
-
 def make_geometry(*tensors: torch.Tensor) -> Geometry:
     """Coalesce the reduction dims of ``tensors`` (same shape, dim 1 = channels)."""
-    shape = tensors[0].shape
+    shape = tuple(tensors[0].shape)
     for t in tensors[1:]:
-        assert t.shape == shape, (t.shape, shape)
+        assert tuple(t.shape) == shape, (t.shape, shape)
+    return _coalesce(shape, tuple(t.stride() for t in tensors))
+
+
+@functools.lru_cache(maxsize=4096)
+def _coalesce(shape: tuple[int, ...], all_strides: tuple[tuple[int, ...], ...]) -> Geometry:
+    """Cached on shape and strides: a training step asks for the same few geometries."""
+    n = len(all_strides)
     channels = shape[1]
     red_dims = [0] + list(range(2, len(shape)))
-    # Each entry: [size, stride of tensor 0, stride of tensor 1, ...]; size-1 dims vanish.
-    dims = [[shape[d]] + [t.stride(d) for t in tensors] for d in red_dims if shape[d] != 1]
+    # Each entry: [size, stride in tensor 0, stride in tensor 1, ...]; size-1 dims vanish.
+    dims = [[shape[d]] + [st[d] for st in all_strides] for d in red_dims if shape[d] != 1]
     merged: list[list[int]] = []
     for dim in dims:
         if merged:
             prev = merged[-1]
             # prev is outside (slower than) dim: mergeable when prev.stride == dim.stride * dim.size
-            if all(prev[1 + k] == dim[1 + k] * dim[0] for k in range(len(tensors))):
+            if all(prev[1 + k] == dim[1 + k] * dim[0] for k in range(n)):
                 merged[-1] = [prev[0] * dim[0]] + dim[1:]
                 continue
         merged.append(dim)
     if not merged:
-        merged = [[1] + [0] * len(tensors)]
+        merged = [[1] + [0] * n]
     inner, outer = merged[-1], merged[:-1]
     if len(outer) > MAX_OUTER_DIMS:  # cannot happen for <= 5-D inputs, kept as a guard
         raise NotImplementedError("tritonbn supports inputs of at most 5 dimensions")
-    outer = [[1] + [0] * len(tensors)] * (MAX_OUTER_DIMS - len(outer)) + outer
+    outer = [[1] + [0] * n] * (MAX_OUTER_DIMS - len(outer)) + outer
     strides = tuple(
-        tuple(o[1 + k] for o in outer) + (inner[1 + k], tensors[k].stride(1))
-        for k in range(len(tensors))
+        tuple(o[1 + k] for o in outer) + (inner[1 + k], all_strides[k][1]) for k in range(n)
     )
-    needs_int64 = any(_max_offset(t) > INT32_LIMIT for t in tensors)
+    max_offset = max(sum((s - 1) * abs(st) for s, st in zip(shape, sts)) for sts in all_strides)
     return Geometry(
         channels=channels,
         outer_sizes=tuple(o[0] for o in outer),
         inner_size=inner[0],
         strides=strides,
-        needs_int64=needs_int64,
+        needs_int64=max_offset > INT32_LIMIT,
     )

@@ -139,8 +139,17 @@ class _Counters:
 counters = _Counters()
 
 
+@functools.lru_cache(maxsize=None)
 def _dummy(device: torch.device) -> torch.Tensor:
+    """Placeholder for absent optional pointers (never read: its constexpr flag is off)."""
     return torch.empty(0, dtype=torch.float32, device=device)
+
+
+def _vec(t):
+    """Per-channel vectors are indexed as dense [C] arrays by the kernels; a strided view
+    (e.g. every other element of a longer tensor) is read from a dense copy of C values.
+    Never applied to the big operands, which are always addressed through their strides."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def _workspace(geom: Geometry, device: torch.device, elem_size: int, rows: int):
@@ -160,8 +169,10 @@ def launch_stats(x, geom, running_mean, running_var, num_batches_tracked, moment
     update = running_mean is not None
     cumulative = update and momentum is None
     dummy = _dummy(device)
+    # Strided running statistics: update dense copies, then write them back through the view.
+    run_mean, run_var = _vec(running_mean), _vec(running_var)
     args = (x, partials, counter, mean, invstd,
-            running_mean if update else dummy, running_var if update else dummy,
+            run_mean if update else dummy, run_var if update else dummy,
             num_batches_tracked if cumulative else dummy,
             0.0 if momentum is None else float(momentum), float(eps),
             *geom.sizes)
@@ -169,6 +180,10 @@ def launch_stats(x, geom, running_mean, running_var, num_batches_tracked, moment
             x.element_size(), args + tuple(geom.strides[0]),
             dict(CONTIG=geom.contig, INT64=geom.needs_int64, UPDATE_RUNNING=update,
                  CUMULATIVE=cumulative))
+    if run_mean is not running_mean:
+        running_mean.copy_(run_mean)
+    if run_var is not running_var:
+        running_var.copy_(run_var)
     return mean, invstd
 
 
@@ -177,8 +192,8 @@ def launch_apply(x, dy, out, mean, stat, weight, bias, coef, eps, *, stat_is_var
     geom = make_geometry(*((x, dy, out) if backward else (x, out)))
     strides = geom.strides if backward else (geom.strides[0], geom.strides[0], geom.strides[1])
     dummy = _dummy(x.device)
-    args = (x, dy if backward else dummy, out, mean, stat,
-            dummy if weight is None else weight, dummy if bias is None else bias,
+    args = (x, dy if backward else dummy, out, _vec(mean), _vec(stat),
+            dummy if weight is None else _vec(weight), dummy if bias is None else _vec(bias),
             dummy if coef is None else coef, float(eps), *geom.sizes)
     _launch("bn_apply_kernel", lambda m: apply_grid(geom, m), geom, x.element_size(),
             args + tuple(strides[0]) + tuple(strides[1]) + tuple(strides[2]),
@@ -197,7 +212,7 @@ def launch_grad_stats(x, dy, mean, stat, eps, *, stat_is_var, grad_weight, grad_
     partials, counter = _workspace(geom, device, x.element_size(), 2)
     coef = torch.empty((2, C), dtype=torch.float32, device=device) if want_coef else None
     dummy = _dummy(device)
-    args = (x, dy, partials, counter, mean, stat,
+    args = (x, dy, partials, counter, _vec(mean), _vec(stat),
             dummy if grad_weight is None else grad_weight,
             dummy if grad_bias is None else grad_bias,
             dummy if coef is None else coef,
