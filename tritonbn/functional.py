@@ -24,32 +24,43 @@ def runs_on_triton(input: Tensor) -> bool:
     return input.device.type == "cuda" or (input.device.type == "cpu" and INTERPRETED)
 
 
-def _check_args(input, running_mean, running_var, weight, bias, training):
-    """The checks torch makes, with its exception types and messages."""
+def _check_args(input, running_mean, running_var, weight, bias, training, eps):
+    """The checks torch makes, in torch's order, with its exception types and messages."""
+    size = input.size()
+    if training:
+        size_prods = size[0]
+        for d in size[2:]:
+            size_prods *= d
+        if size_prods == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {size}")
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not training:
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if not training and running_mean is None:
-        raise RuntimeError("running_mean must be defined in evaluation mode")
-    C = input.size(1)  # IndexError for 1-D input, as torch
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        if t is None:
-            continue
+    C = size[1] if input.dim() > 1 else 0
+    params = [(name, t) for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                                        ("weight", weight), ("bias", bias)) if t is not None]
+    for name, t in params:
         if t.numel() != C:
             raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+    for name, t in params:
         if t.device != input.device:
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but found {name} on "
                 f"{t.device} and input on {input.device}")
-        if t.dtype not in (input.dtype, torch.float32):
-            raise RuntimeError(
-                f"mixed dtype: expect {name} to have scalar type of Float or {input.dtype}, "
-                f"got {t.dtype}")
-    if training:
-        size_prods = input.numel() // C if C else 0
-        if size_prods == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {input.size()}")
+    # Parameters and buffers all in the input's dtype, or (mixed precision) all fp32.
+    if any(t.dtype != input.dtype for _, t in params):
+        if any(t.dtype != torch.float32 for _, t in params):
+            raise RuntimeError(f"mixed dtype ({input.device.type.upper()}): expect parameter "
+                               "to have scalar type of Float")
+    input.size(1)  # 1-D input: IndexError, as torch
 
 
 def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -58,7 +69,7 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                 num_batches_tracked: Optional[Tensor] = None) -> Tensor:
     """Kernel path. ``momentum=None`` with ``num_batches_tracked`` = cumulative average,
     its factor read on the device (no host synchronisation, graph-capturable)."""
-    _check_args(input, running_mean, running_var, weight, bias, training)
+    _check_args(input, running_mean, running_var, weight, bias, training, eps)
     if momentum is None and num_batches_tracked is None:
         momentum = 0.0
     if training:
@@ -75,6 +86,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """Drop-in for :func:`torch.nn.functional.batch_norm` (differentiable)."""
+    if momentum is None:  # torch's schema takes a float
+        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
     if not runs_on_triton(input):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training,
                             momentum, eps)
