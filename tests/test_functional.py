@@ -1,0 +1,319 @@
+"""Parity of ``tritonbn.batch_norm`` with ``torch.nn.functional.batch_norm``.
+
+Every case runs the kernels, torch in the same dtype and torch in float64 on the same
+inputs, and checks output, grad_input, grad_weight, grad_bias and the running statistics
+against the float64 reference and against torch's own error (tests/reference.py).
+
+The matrices are laid out to cover each axis without a full cartesian product: every
+dtype x layout x parameter dtype on one small 4-D shape; shape variety in fp32; options
+(affine, bias, running stats, momentum, which inputs need grad) on one shape each.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tritonbn
+from tests.reference import (DEVICE, KERNEL_DTYPES, LAYOUTS, LOW_PRECISION, Call,
+                             check_call, make_params, make_tensor, memory_format_of)
+
+SHAPE_4D = (3, 5, 6, 7)  # 630 values: odd sizes everywhere, M = 126 per channel
+
+
+def make_call(shape, dtype=torch.float32, layout="contiguous", *, param_dtype=None,
+              training=True, weight=True, bias=True, running=True, momentum=0.1, eps=1e-5,
+              grad_layout=None, requires_grad=None) -> Call:
+    C = shape[1]
+    w, b, rm, rv = make_params(C, param_dtype or dtype)
+    x = make_tensor(shape, dtype, layout)
+    dy = make_tensor(shape, dtype, grad_layout or layout)
+    return Call(x, w if weight else None, b if bias else None, rm if running else None,
+                rv if running else None, training, momentum, eps, dy, requires_grad)
+
+
+# --- dtype x layout x parameter dtype, one 4-D shape -----------------------------------------
+
+def _dtype_layout_cases():
+    for dtype in KERNEL_DTYPES:
+        for layout in LAYOUTS:
+            # fp16/bf16 input with fp32 weight, bias and running stats: the AMP case.
+            yield pytest.param(dtype, torch.float32, layout,
+                               id=f"{str(dtype)[6:]}-{layout}-params_fp32")
+            if dtype in LOW_PRECISION and layout in ("contiguous", "channels_last"):
+                # Everything in the input dtype (a module converted with .half()/.bfloat16()).
+                yield pytest.param(dtype, dtype, layout,
+                                   id=f"{str(dtype)[6:]}-{layout}-params_same")
+
+
+@pytest.mark.parametrize("dtype,param_dtype,layout", list(_dtype_layout_cases()))
+def test_training_dtype_layout(dtype, param_dtype, layout):
+    check_call(tritonbn.batch_norm,
+               make_call(SHAPE_4D, dtype, layout, param_dtype=param_dtype))
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted_sliced"])
+def test_eval_dtype_layout(dtype, layout):
+    """Eval: normalize with running statistics; the backward uses them too."""
+    check_call(tritonbn.batch_norm, make_call(SHAPE_4D, dtype, layout, training=False))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=lambda d: str(d)[6:])
+def test_eval_low_precision_running_stats(dtype):
+    check_call(tritonbn.batch_norm,
+               make_call(SHAPE_4D, dtype, "channels_last", param_dtype=dtype, training=False))
+
+
+# --- shapes, fp32 ------------------------------------------------------------------------------
+
+SHAPES = [
+    pytest.param((2, 9), id="1d_NC_two_values_per_channel"),
+    pytest.param((13, 7), id="1d_NC_prime"),
+    pytest.param((2, 517), id="1d_NC_large_C_tiny_N"),
+    pytest.param((3, 1, 11), id="1d_NCL_C1"),
+    pytest.param((5, 3, 17), id="1d_NCL_prime"),
+    pytest.param((1, 4, 2), id="1d_NCL_N1_two_values"),
+    pytest.param((2, 3, 1, 1), id="2d_spatial_1x1"),
+    pytest.param((1, 6, 5, 7), id="2d_N1"),
+    pytest.param((7, 1, 3, 5), id="2d_C1"),
+    pytest.param((2, 67, 3, 3), id="2d_C_prime_67"),
+    pytest.param((2, 3, 31, 37), id="2d_primes_long_rows"),
+    pytest.param((2, 3, 3, 4, 5), id="3d"),
+    pytest.param((3, 2, 1, 5, 1), id="3d_size1_dims"),
+    pytest.param((2, 5, 3, 1, 7), id="3d_primes"),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_shapes(shape, training):
+    check_call(tritonbn.batch_norm, make_call(shape, training=training))
+
+
+# Layouts on the other ranks (the matrix above is 4-D): channels_last_3d for 5-D input, the
+# channel-innermost storage for 3-D input, strided and permuted views on each.
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(4, 6), (3, 4, 9), (2, 3, 3, 4, 5)],
+                         ids=["rank2", "rank3", "rank5"])
+def test_layouts_other_ranks(shape, layout):
+    check_call(tritonbn.batch_norm, make_call(shape, layout=layout))
+
+
+def test_channels_last_3d_bf16():
+    call = make_call((2, 3, 3, 4, 5), torch.bfloat16, "channels_last")
+    assert memory_format_of(call.x) == torch.channels_last_3d
+    check_call(tritonbn.batch_norm, call)
+
+
+@pytest.mark.parametrize("x_layout,dy_layout", [("channels_last", "contiguous"),
+                                                ("contiguous", "channels_last"),
+                                                ("sliced", "permuted")])
+def test_grad_output_in_another_layout(x_layout, dy_layout):
+    """grad_output often arrives in a different layout than the input was."""
+    check_call(tritonbn.batch_norm,
+               make_call(SHAPE_4D, layout=x_layout, grad_layout=dy_layout))
+
+
+# --- options -----------------------------------------------------------------------------------
+
+OPTIONS = [
+    pytest.param(dict(weight=False, bias=False), id="affine_false"),
+    pytest.param(dict(bias=False), id="weight_only"),
+    pytest.param(dict(weight=False), id="bias_only"),
+    pytest.param(dict(running=False), id="no_running_stats"),
+    pytest.param(dict(running=False, weight=False, bias=False), id="nothing"),
+    pytest.param(dict(momentum=0.0), id="momentum_0"),
+    pytest.param(dict(momentum=1.0), id="momentum_1"),
+    pytest.param(dict(momentum=0.37, eps=1e-2), id="momentum_0.37_eps_1e-2"),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_options_training(options):
+    check_call(tritonbn.batch_norm, make_call((4, 3, 5, 6), **options))
+
+
+@pytest.mark.parametrize("options", [o for o in OPTIONS if "running" not in o.values[0]])
+def test_options_eval(options):
+    check_call(tritonbn.batch_norm, make_call((4, 3, 5, 6), training=False, **options))
+
+
+# Which of (x, weight, bias) need a gradient decides which kernels the backward runs.
+GRAD_MASKS = [(True, False, False), (False, True, False), (False, False, True),
+              (False, True, True), (True, True, False)]
+
+
+@pytest.mark.parametrize("mask", GRAD_MASKS, ids=lambda m: "".join("xwb"[i] for i in range(3)
+                                                                      if m[i]))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_partial_requires_grad(mask, training):
+    check_call(tritonbn.batch_norm, make_call((3, 4, 5, 5), layout="channels_last",
+                                              training=training, requires_grad=mask))
+
+
+def test_grad_of_constant_channel():
+    """A channel whose values are all equal: var = 0, invstd = 1/sqrt(eps) (large), x - mean
+    exactly 0, output exactly the bias."""
+    call = make_call((4, 3, 5, 5))
+    call.x[:, 1] = 2.5
+    got = check_call(tritonbn.batch_norm, call)
+    assert torch.equal(got["output"][:, 1], call.bias[1].expand(4, 5, 5))
+
+
+@pytest.mark.parametrize("strided", ["weight", "bias", "running_mean", "running_var"])
+def test_strided_parameter_views(strided):
+    """A per-channel tensor given as a strided view (every other element of a longer
+    tensor): read and written through its stride, the elements in between left alone."""
+    C = 5
+    x = make_tensor((4, C, 3, 3))
+    dy = make_tensor((4, C, 3, 3))
+    params = dict(zip(("weight", "bias", "running_mean", "running_var"), make_params(C)))
+    longer = torch.stack([params[strided], torch.full_like(params[strided], 7.0)], 1)
+    results = []
+    for fn in (torch.nn.functional.batch_norm, tritonbn.batch_norm):
+        store = longer.clone().flatten()
+        p = {k: v.clone() for k, v in params.items()}
+        p[strided] = store[::2]
+        w, b = p["weight"].requires_grad_(), p["bias"].requires_grad_()
+        y = fn(x, p["running_mean"], p["running_var"], w, b, True, 0.5, 1e-5)
+        results.append((y, *torch.autograd.grad(y, [w, b], dy), p["running_mean"],
+                        p["running_var"], store))
+    names = ("output", "grad_weight", "grad_bias", "running_mean", "running_var", "storage")
+    for name, t, k in zip(names, *results):
+        torch.testing.assert_close(k, t, msg=lambda m: f"{name}: {m}")
+
+
+# --- empty batch -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_empty_batch(training, layout):
+    """N = 0: empty output and grad_input, zero grad_weight / grad_bias, running statistics
+    unchanged, exactly as torch."""
+    shape = (0, 3, 4, 5)
+    x = make_tensor(shape, layout=layout)
+    dy = make_tensor(shape)
+    results = []
+    for fn in (torch.nn.functional.batch_norm, tritonbn.batch_norm):
+        torch.manual_seed(1)  # the same parameters for both
+        w, b, rm, rv = make_params(3)
+        rm0, rv0 = rm.clone(), rv.clone()
+        xl, wl, bl = (t.detach().requires_grad_() for t in (x, w, b))
+        y = fn(xl, rm, rv, wl, bl, training, 0.1, 1e-5)
+        grads = torch.autograd.grad(y, [xl, wl, bl], dy)
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+        results.append((y, *grads))
+    for name, t, k in zip(("output", "grad_input", "grad_weight", "grad_bias"), *results):
+        assert k.shape == t.shape and k.dtype == t.dtype, name
+        assert torch.equal(k, t), name
+    assert results[1][0].is_contiguous(memory_format=memory_format_of(x))
+
+
+# --- no input is modified ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["train", "train_no_running_stats", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_inputs_never_modified(mode, dtype):
+    """x, weight, bias and grad_output are read-only; running statistics change only in
+    training (FlagGems overwrote the input with track_running_stats=False)."""
+    x = make_tensor((3, 4, 5, 5), dtype, "channels_last").requires_grad_()
+    dy = make_tensor((3, 4, 5, 5), dtype)
+    w, b, rm, rv = (t.requires_grad_(i < 2) for i, t in enumerate(make_params(4)))
+    before = [t.detach().clone() for t in (x, dy, w, b, rm, rv)]
+    training = mode != "eval"
+    stats = (None, None) if mode == "train_no_running_stats" else (rm, rv)
+    y = tritonbn.batch_norm(x, *stats, w, b, training, 0.1, 1e-5)
+    y.backward(dy)
+    names = ("x", "grad_output", "weight", "bias", "running_mean", "running_var")
+    after = (x, dy, w, b, rm, rv)
+    for name, t0, t1 in zip(names, before, after):
+        if name.startswith("running") and mode == "train":
+            assert not torch.equal(t0, t1), f"{name} should have been updated"
+        else:
+            assert torch.equal(t0, t1.detach()), f"{name} was modified"
+
+
+# --- the kernels really ran --------------------------------------------------------------------
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts kernel launches by kernel name, and makes every torch BatchNorm entry point
+    raise, so a silent fallback to torch cannot pass for the kernels."""
+    import tritonbn.kernels.launch as launch
+
+    counts: dict[str, int] = {}
+    real = launch._launch
+
+    def counting(name, *args, **kwargs):
+        counts[name] = counts.get(name, 0) + 1
+        return real(name, *args, **kwargs)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch's batch_norm was called: the kernels did not run")
+
+    monkeypatch.setattr(launch, "_launch", counting)
+    for owner, attr in ((torch.nn.functional, "batch_norm"), (torch, "batch_norm"),
+                        (torch, "native_batch_norm"), (torch, "_native_batch_norm_legit")):
+        if hasattr(owner, attr):
+            monkeypatch.setattr(owner, attr, forbidden)
+    return counts
+
+
+STATS, APPLY, GRAD_STATS = "bn_stats_kernel", "bn_apply_kernel", "bn_grad_stats_kernel"
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d)[6:])
+def test_kernel_launches_per_phase(launches, dtype):
+    x = make_tensor((2, 3, 4, 5), dtype).requires_grad_()
+    w, b, rm, rv = (t.requires_grad_(i < 2) for i, t in enumerate(make_params(3)))
+    assert tritonbn.runs_on_triton(x)
+
+    y = tritonbn.batch_norm(x, rm, rv, w, b, True)
+    assert launches == {STATS: 1, APPLY: 1}, "training forward = stats + apply"
+    launches.clear()
+    y.sum().backward()
+    assert launches == {GRAD_STATS: 1, APPLY: 1}, "training backward = grad stats + apply"
+    launches.clear()
+
+    y = tritonbn.batch_norm(x, rm, rv, w, b, False)
+    assert launches == {APPLY: 1}, "eval forward = apply"
+    launches.clear()
+    y.sum().backward()
+    assert launches == {GRAD_STATS: 1, APPLY: 1}, "eval backward with weight grads"
+    launches.clear()
+
+    y = tritonbn.batch_norm(x, rm, rv, w.detach(), b.detach(), False)
+    launches.clear()
+    y.sum().backward()
+    assert launches == {APPLY: 1}, "eval backward, grad_input only: no reduction needed"
+
+
+def test_module_runs_kernels(launches):
+    m = tritonbn.BatchNorm2d(3).to(DEVICE)
+    m(make_tensor((2, 3, 4, 5)).requires_grad_()).sum().backward()
+    assert launches == {STATS: 1, APPLY: 2, GRAD_STATS: 1}
+    launches.clear()
+    m.eval()
+    m(make_tensor((2, 3, 4, 5)))
+    assert launches == {APPLY: 1}
+
+
+def test_float64_falls_back_to_torch(monkeypatch):
+    """float64 is left to torch (exact), and so is the module."""
+    import tritonbn.kernels.launch as launch
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel was launched for float64")
+
+    monkeypatch.setattr(launch, "_launch", no_kernel)
+    x = make_tensor((3, 4, 5), torch.float64)
+    assert not tritonbn.runs_on_triton(x)
+    for dtype in KERNEL_DTYPES:
+        assert tritonbn.runs_on_triton(x.to(dtype))
+    w, b, rm, rv = (t.double() for t in make_params(4))
+    rm2, rv2 = rm.clone(), rv.clone()
+    y = tritonbn.batch_norm(x, rm, rv, w, b, True)
+    y_torch = torch.nn.functional.batch_norm(x, rm2, rv2, w, b, True)
+    assert torch.equal(y, y_torch) and torch.equal(rm, rm2) and torch.equal(rv, rv2)
+    m = tritonbn.BatchNorm1d(4, dtype=torch.float64, device=DEVICE)
+    assert torch.equal(m(x), torch.nn.BatchNorm1d(4, dtype=torch.float64, device=DEVICE)(x))
