@@ -1,0 +1,636 @@
+"""Compiled-kernel report: every config of every tritonbn kernel, compiled ahead of time.
+
+Runs on a CPU-only machine. Each config of ``bn_stats_kernel``, ``bn_grad_stats_kernel`` and
+``bn_apply_kernel`` (forward, and backward with batch statistics) is compiled with Triton's
+AOT path (``triton.compile(ASTSource(...), target=GPUTarget(...))``) for sm_90 (Hopper) and
+sm_80 (Ampere), for aligned inputs in NCHW (CONTIG=1: unit stride along the inner axis) and
+channels_last (CONTIG=2: unit stride along the channels). The kernel arguments are the ones
+the real launchers pass (captured from ``tritonbn.kernels.launch``), specialised the way
+the JIT specialises them for aligned tensors (``tt.divisibility=16`` on pointers and on
+ints divisible by 16, ints equal to 1 folded into constants).
+
+Per kernel, config, arch, layout and dtype it reports:
+  registers, spill_bytes (local memory per thread), stack_bytes  (cuobjdump --dump-resource-usage)
+  shared_bytes    shared memory the kernel asks for at launch (Triton metadata)
+  load_bits       width of the main (tile) load of each big tensor (x, dy) in the ptx - its
+                  widest load; the narrowest over those tensors. 128 = every thread moves
+                  16 bytes per load instruction. (Single elements read besides, such as the
+                  statistics' per-channel shift x[0, c], do not count.)
+  store_bits      narrowest global store of the big output (apply kernel only)
+  load_bits_max / store_bits_max   widest such access
+  vec128          every bulk load and store is 128-bit
+  eligible        config_fits() keeps this config for some aligned shape in this layout
+                  (a config whose block along the unit-stride axis is below
+                  configs.MIN_CONTIG_BLOCK is never run in that layout)
+Bulk accesses are told apart from per-channel ones (mean, weight, partials ...) by a taint
+analysis of the ptx: every address is traced back to the kernel parameter it derives from.
+
+WAVES (the split factor of the reductions) is a host-side knob: it is not used in the
+kernel body, so configs differing only in WAVES share one binary (compiled once, reported
+once per config).
+
+Usage:
+  python perf/kernel_report.py [--out DIR] [--quick] [--jobs 2] [--dtypes fp32,bf16]
+                               [--archs 90,80]   (--quick: 90 only)  [--shape 32,256,16,16]
+Writes DIR/kernel_report.csv and DIR/kernel_report.md; exits 1 if any config spills (or
+fails to compile), listing them.
+From Python: ``run(out_dir, quick=False) -> list[dict]``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing as mp
+
+# No triton / tritonbn import at module level: the compile workers must import them with
+# TRITON_INTERPRET unset (real JITFunctions), whatever the parent process did.
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO, "perf", "results", "cpu")
+
+# (label, kernel name, reduction?) ; the label selects the launcher mode (see _capture).
+KERNELS = (
+    ("bn_stats_kernel", "bn_stats_kernel", True),
+    ("bn_grad_stats_kernel", "bn_grad_stats_kernel", True),
+    ("bn_apply_kernel[fwd]", "bn_apply_kernel", False),
+    ("bn_apply_kernel[bwd]", "bn_apply_kernel", False),
+)
+# Big tensors of each kernel: pointer arguments whose loads / stores are the bulk traffic.
+BULK_LOADS = {"bn_stats_kernel": ("x_ptr",), "bn_grad_stats_kernel": ("x_ptr", "dy_ptr"),
+              "bn_apply_kernel": ("x_ptr", "dy_ptr")}
+BULK_STORES = {"bn_stats_kernel": (), "bn_grad_stats_kernel": (),
+               "bn_apply_kernel": ("out_ptr",)}
+LAYOUTS = ("nchw", "channels_last")
+ARCHS = (90, 80)
+DTYPES = ("fp32", "bf16")
+# Representative aligned problem: every size and stride a multiple of 16.
+SHAPE = (32, 256, 16, 16)
+# Tiles compiled by --quick (one per tile volume, eligible in both layouts).
+QUICK_TILES = ((4, 16, 16), (1, 64, 64))
+
+FIELDS = ["kernel", "config", "arch", "layout", "dtype", "eligible", "registers",
+          "spill_bytes", "stack_bytes", "shared_bytes", "load_bits", "load_bits_max",
+          "store_bits", "store_bits_max", "other_load_bits_max", "n_bulk_loads",
+          "n_bulk_stores", "vec128", "compile_s", "error"]
+
+
+# --------------------------------------------------------------------------- configs
+
+def _config_name(kwargs: dict, num_warps: int, num_stages: int) -> str:
+    s = "O{BLOCK_O}_I{BLOCK_I}_C{BLOCK_C}".format(**kwargs)
+    if "WAVES" in kwargs:
+        s += "_W{WAVES}".format(**kwargs)
+    return f"{s}_w{num_warps}_s{num_stages}"
+
+
+def _tile(kwargs: dict) -> tuple[int, int, int]:
+    return kwargs["BLOCK_O"], kwargs["BLOCK_I"], kwargs["BLOCK_C"]
+
+
+def _eligible(kwargs: dict, contig: int) -> bool:
+    """config_fits keeps it for at least one aligned shape of this layout: the unit-stride
+    axis (inner for NCHW, channels for channels_last) is a multiple of 16 elements, the
+    premise of 128-bit access; the other axes take any size."""
+    from tritonbn.kernels import configs
+    from tritonbn.kernels.tiles import CONTIG_INNER
+    target = 2 * 132
+    any_size = [1, 2, 4, 16, 64, 256, 1024, 4096, 16384, 65536]
+    aligned = [16, 64, 256, 1024, 4096, 16384, 65536]
+    inners, chans = (aligned, any_size[1:]) if contig == CONTIG_INNER else (any_size, aligned)
+    for outer, inner, c in itertools.product([1, 4, 32, 256], inners, chans):
+        if configs.config_fits(kwargs, outer, inner, c, contig, target):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- worker side
+
+_CAPTURED: dict = {}
+
+
+def _worker_init():
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence a 3.9 warning
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+
+
+class _Recorder:
+    """Stands in for a kernel in launch.RAW / launch.TUNED: records the call."""
+
+    def __init__(self, name, sink):
+        self.name, self.sink = name, sink
+
+    def __getitem__(self, grid):
+        def call(*args, **kwargs):
+            self.sink[self.name] = (args, kwargs)
+        return call
+
+
+def _capture(label: str, layout: str, dtype: str, shape=SHAPE):
+    """(kernel, positional args, keyword args) the launcher passes for ``shape``."""
+    key = (label, layout, dtype, tuple(shape))
+    if key in _CAPTURED:
+        return _CAPTURED[key]
+    import torch
+    from tritonbn.kernels import launch
+    from tritonbn.kernels.geometry import make_geometry
+
+    tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.empty(shape, dtype=tdtype).to(memory_format=fmt)
+    dy = torch.empty_like(x)
+    out = torch.empty_like(x)
+    C = shape[1]
+    w, b = torch.ones(C), torch.zeros(C)
+    mean, invstd = torch.zeros(C), torch.ones(C)
+    sink: dict = {}
+    saved = dict(launch.RAW), dict(launch.TUNED)
+    try:
+        for name in launch.RAW:
+            launch.RAW[name] = _Recorder(name, sink)
+            launch.TUNED[name] = _Recorder(name, sink)
+        if label == "bn_stats_kernel":  # training forward, momentum update
+            launch.launch_stats(x, make_geometry(x), torch.zeros(C), torch.ones(C), None,
+                                0.1, 1e-5)
+        elif label == "bn_grad_stats_kernel":  # training backward
+            launch.launch_grad_stats(x, dy, mean, invstd, 1e-5, stat_is_var=False,
+                                     grad_weight=torch.empty(C), grad_bias=torch.empty(C),
+                                     want_coef=True)
+        elif label == "bn_apply_kernel[fwd]":  # training forward: y from batch stats
+            launch.launch_apply(x, None, out, mean, invstd, w, b, None, 1e-5,
+                                stat_is_var=False, backward=False)
+        elif label == "bn_apply_kernel[bwd]":  # training backward: dx with (k1, k2)
+            launch.launch_apply(x, dy, out, mean, invstd, w, None, torch.zeros(2, C), 1e-5,
+                                stat_is_var=False, backward=True)
+        else:
+            raise ValueError(label)
+    finally:
+        launch.RAW.update(saved[0])
+        launch.TUNED.update(saved[1])
+    (name, (args, kwargs)), = sink.items()
+    kernel = saved[0][name]
+    _CAPTURED[key] = (kernel, args, kwargs)
+    return _CAPTURED[key]
+
+
+def _specialize(value, specialize: bool):
+    """(type, spec) like the JIT: spec 'D' = divisible by 16, ('constexpr', 1) for ints == 1."""
+    import torch
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        if specialize and value == 1:
+            return "constexpr", 1
+        ty = "i32" if -2**31 <= value < 2**31 else "i64"
+        return ty, ("D" if specialize and value % 16 == 0 else None)
+    if isinstance(value, float):
+        return "fp32", None
+    if isinstance(value, torch.Tensor):
+        ty = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+              torch.int32: "i32", torch.int64: "i64"}[value.dtype]
+        return "*" + ty, "D"  # aligned tensors (the report's premise)
+    raise TypeError(type(value))
+
+
+def _ast_source(kernel, values: dict):
+    """ASTSource for these argument values (triton >= 3.3 format: string-keyed constexprs,
+    attrs keyed by (arg index,))."""
+    from triton.compiler import ASTSource
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(kernel.params):
+        v = values[p.name]
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = v
+            continue
+        ty, spec = _specialize(v, not p.do_not_specialize)
+        if ty == "constexpr":
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = spec
+        else:
+            signature[p.name] = ty
+            if spec == "D" and not getattr(p, "do_not_specialize_on_alignment", False):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), signature
+
+
+def _cuobjdump() -> str | None:
+    import triton.backends.nvidia as nv
+    path = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    return path if os.path.exists(path) else shutil.which("cuobjdump")
+
+
+def _resources(cubin: bytes) -> dict:
+    tool = _cuobjdump()
+    if tool is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", text)
+    if not m:
+        return {}
+    reg, stack, shared, local = map(int, m.groups())
+    return dict(registers=reg, stack_bytes=stack, static_shared=shared, spill_bytes=local)
+
+
+def compile_one(job: dict) -> dict:
+    """Compile one (kernel, config, arch, layout, dtype) and measure it; a compile error is
+    reported in the row's ``error`` field."""
+    try:
+        return _compile_one(job)
+    except Exception as e:  # noqa: BLE001  (reported, and makes the report fail)
+        msg = _error_text(e)
+        row = dict(job["row"], error=msg[:300], vec128=False, load_bits=None,
+                   store_bits=None, compile_s=None)
+        return row
+
+
+def _error_text(e: BaseException) -> str:
+    """One line: where the compile failed (outermost) and why (innermost cause)."""
+    def lines(x):
+        return [ln.strip() for ln in str(x).splitlines() if ln.strip(" ^\t")]
+    inner = e
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    where = lines(e)[:1]
+    why = lines(inner)[-1:] if inner is not e else lines(e)[-1:]
+    text = type(e).__name__ + (f" {where[0]}" if where else "")
+    if why and why != where:
+        text += f" ... {type(inner).__name__ + ': ' if inner is not e else ''}{why[0]}"
+    return text
+
+
+def _compile_one(job: dict) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    kernel, args, kwargs = _capture(job["kernel"], job["layout"], job["dtype"], job["shape"])
+    values = dict(zip(kernel.arg_names, args))
+    values.update(kwargs)
+    for k in ("num_warps", "num_stages", "num_ctas", "maxnreg"):
+        values.pop(k, None)
+    values.update(job["kwargs"])
+    if job["kernel"].startswith("bn_apply_kernel"):
+        values.pop("WAVES", None)
+    src, signature = _ast_source(kernel, values)
+    # Pointer arguments in ptx parameter order (constexprs are not kernel parameters).
+    ptr_params = [(name, ty.startswith("*")) for name, ty in signature.items()
+                  if ty != "constexpr"]
+    start = time.perf_counter()
+    ck = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32),
+                        options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
+    seconds = time.perf_counter() - start
+    name = kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__
+    access = analyse_ptx(ck.asm["ptx"], [n for n, _ in ptr_params],
+                         {n for n, is_ptr in ptr_params if is_ptr},
+                         BULK_LOADS[name], BULK_STORES[name])
+    row = dict(job["row"])
+    row.update(_resources(ck.asm["cubin"]))
+    row.update(access)
+    row["shared_bytes"] = int(getattr(ck.metadata, "shared", 0) or 0)
+    row["compile_s"] = round(seconds, 2)
+    return row
+
+
+# --------------------------------------------------------------------------- ptx analysis
+
+_REG = re.compile(r"%[A-Za-z_][\w.]*")
+_PARAM = re.compile(r"\[\s*(\w+_param_(\d+))\s*\]")
+_TYPE_BITS = {"b8": 8, "u8": 8, "s8": 8, "b16": 16, "u16": 16, "s16": 16, "f16": 16,
+              "bf16": 16, "b32": 32, "u32": 32, "s32": 32, "f32": 32, "b64": 64,
+              "u64": 64, "s64": 64, "f64": 64, "b128": 128}
+
+
+def _split_operands(text: str) -> list[str]:
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur.strip())
+    return out
+
+
+def _instructions(ptx: str):
+    """(opcode, operands) of every instruction in the kernel body."""
+    body = ptx.split("{", 1)[1] if "{" in ptx else ptx
+    for raw in body.splitlines():
+        line = raw.split("//", 1)[0].strip().rstrip(";").strip()
+        if not line or line[0] in ".{}$" or line.endswith(":"):
+            continue
+        if line.startswith("@"):
+            line = line.split(None, 1)[1] if " " in line else ""
+        parts = line.split(None, 1)
+        if not parts:
+            continue
+        yield parts[0], _split_operands(parts[1]) if len(parts) > 1 else []
+
+
+def _access_bits(opcode: str) -> int:
+    mods = opcode.split(".")
+    vec = 1
+    bits = 0
+    for m in mods:
+        if re.fullmatch(r"v\d+", m):
+            vec = int(m[1:])
+        elif m in _TYPE_BITS:
+            bits = _TYPE_BITS[m]
+    return vec * bits
+
+
+def analyse_ptx(ptx: str, param_names: list[str], pointer_names: set[str],
+                bulk_loads, bulk_stores) -> dict:
+    """Widths of the global loads / stores, split into bulk (addresses derived from a big
+    tensor's pointer) and the rest, by forward taint propagation to a fixed point."""
+    insts = list(_instructions(ptx))
+    taint: dict[str, frozenset] = {}
+    seeds = []
+    for op, ops in insts:
+        if op.startswith("ld.param") and len(ops) == 2:
+            m = _PARAM.search(ops[1])
+            if m:
+                idx = int(m.group(2))
+                if idx < len(param_names) and param_names[idx] in pointer_names:
+                    seeds.append((ops[0], param_names[idx]))
+    for reg, name in seeds:
+        taint[reg] = taint.get(reg, frozenset()) | {name}
+    no_dest = ("st.", "red.", "bar", "bra", "ret", "membar", "fence", "exit", "prefetch")
+    changed = True
+    while changed:
+        changed = False
+        for op, ops in insts:
+            if not ops or op.startswith(no_dest) or op.startswith("ld.param"):
+                continue
+            dests = _REG.findall(ops[0])
+            srcs = [r for o in ops[1:] for r in _REG.findall(o)]
+            t = frozenset().union(*(taint.get(r, frozenset()) for r in srcs))
+            if not t:
+                continue
+            for d in dests:
+                old = taint.get(d, frozenset())
+                if not t <= old:
+                    taint[d] = old | t
+                    changed = True
+
+    def addr_taint(operand: str) -> frozenset:
+        return frozenset().union(*(taint.get(r, frozenset()) for r in _REG.findall(operand)))
+
+    loads, stores, other_loads = [], [], []
+    per_tensor: dict[str, list[int]] = {}
+    for op, ops in insts:
+        if op.startswith("ld.global") and len(ops) >= 2:
+            bits = _access_bits(op)
+            big = addr_taint(ops[1]) & set(bulk_loads)
+            (loads if big else other_loads).append(bits)
+            for name in big:
+                per_tensor.setdefault(name, []).append(bits)
+        elif op.startswith("st.global") and ops:
+            if addr_taint(ops[0]) & set(bulk_stores):
+                stores.append(_access_bits(op))
+    # The main load of a big tensor is its widest one (the tile load); single elements read
+    # besides it (the statistics' per-channel shift, x[0, c]) do not decide the width.
+    main_loads = [max(b) for b in per_tensor.values()]
+    res = dict(load_bits=min(main_loads, default=None), load_bits_max=max(loads, default=None),
+               store_bits=min(stores, default=None), store_bits_max=max(stores, default=None),
+               other_load_bits_max=max(other_loads, default=None),
+               n_bulk_loads=len(loads), n_bulk_stores=len(stores))
+    res["vec128"] = bool(main_loads) and min(main_loads) >= 128 and (not bulk_stores or
+                                                          (bool(stores) and min(stores) >= 128))
+    return res
+
+
+# --------------------------------------------------------------------------- driver
+
+def _jobs(quick: bool, archs, dtypes, shape=SHAPE) -> list[dict]:
+    """Compile jobs (one per distinct binary) and the report rows each one stands for."""
+    from tritonbn.kernels import configs
+    from tritonbn.kernels.tiles import CONTIG_CHANNEL, CONTIG_INNER
+    contig = {"nchw": CONTIG_INNER, "channels_last": CONTIG_CHANNEL}
+    jobs = []
+    for label, _, reduction in KERNELS:
+        cfgs = configs.kernel_configs(reduction)
+        by_binary: dict = {}
+        for cfg in cfgs:
+            kw = dict(cfg.kwargs)
+            if quick and _tile(kw) not in QUICK_TILES:
+                continue
+            binary = (_tile(kw), cfg.num_warps, cfg.num_stages)  # WAVES: host side only
+            by_binary.setdefault(binary, []).append(cfg)
+        for (tile, warps, stages), group in by_binary.items():
+            for arch, layout, dtype in itertools.product(archs, LAYOUTS, dtypes):
+                kw = dict(group[0].kwargs)
+                rows = [dict(kernel=label,
+                             config=_config_name(c.kwargs, c.num_warps, c.num_stages),
+                             arch=f"sm_{arch}", layout=layout, dtype=dtype,
+                             eligible=_eligible(c.kwargs, contig[layout])) for c in group]
+                jobs.append(dict(kernel=label, layout=layout, dtype=dtype, arch=arch,
+                                 shape=shape, kwargs=kw, num_warps=warps,
+                                 num_stages=stages, row=rows[0], rows=rows))
+    # The fixed default config (TRITONBN_AUTOTUNE=0) of ``shape``, which need not be in the
+    # tuning space.
+    import torch
+    from tritonbn.kernels.geometry import make_geometry
+    for (label, _, reduction), arch, layout, dtype in itertools.product(
+            KERNELS, archs, LAYOUTS, dtypes):
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.empty(shape, device="meta").to(memory_format=fmt)
+        cfg = configs.default_config(make_geometry(x), 4 if dtype == "fp32" else 2, False)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        if not reduction:
+            cfg.pop("WAVES", None)
+        row = dict(kernel=label, config="default:" + _config_name(cfg, warps, stages),
+                   arch=f"sm_{arch}", layout=layout, dtype=dtype, eligible=True)
+        jobs.append(dict(kernel=label, layout=layout, dtype=dtype, arch=arch, shape=shape,
+                         kwargs=cfg, num_warps=warps, num_stages=stages, row=row,
+                         rows=[row]))
+    return jobs
+
+
+def _expand(job: dict, result: dict) -> list[dict]:
+    out = []
+    for r in job["rows"]:
+        row = dict(result)
+        row.update(r)
+        out.append(row)
+    return out
+
+
+def run(out_dir: str = DEFAULT_OUT, quick: bool = False, jobs: int = 2, archs=None,
+        dtypes=DTYPES, verbose: bool = True, shape=SHAPE) -> list[dict]:
+    """Compile, measure, write ``kernel_report.csv`` / ``kernel_report.md`` into ``out_dir``.
+
+    Returns one dict per (kernel, config, arch, layout, dtype) with keys FIELDS (config
+    "default:..." is the fixed default config of SHAPE). ``quick``: QUICK_TILES and the
+    default configs only, on sm_90 unless ``archs`` says otherwise. Works from a process
+    that runs the Triton interpreter: compiles happen in fresh spawned workers.
+    ``shape``: the (N, C, H, W) input the kernels are specialised for (default SHAPE, every
+    size a multiple of 16; other shapes show what the JIT does for unaligned ones)."""
+    if archs is None:
+        archs = (90,) if quick else ARCHS
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    start = time.perf_counter()
+    shape = tuple(int(s) for s in shape)
+    job_list = _jobs(quick, archs, dtypes, shape)
+    if verbose:
+        print(f"kernel_report: {len(job_list)} compiles "
+              f"({sum(len(j['rows']) for j in job_list)} config rows) on {jobs} processes",
+              flush=True)
+    rows: list[dict] = []
+    ctx = mp.get_context("spawn")
+    # Spawned workers inherit os.environ: they must not see TRITON_INTERPRET (the
+    # initializer removes it too, before anything imports triton).
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
+                                 initializer=_worker_init) as pool:
+            futures = [(j, pool.submit(compile_one, j)) for j in job_list]
+            for n, (job, fut) in enumerate(futures, 1):
+                result = fut.result()
+                rows.extend(_expand(job, result))
+                if verbose:
+                    print(f"[{n}/{len(futures)}] {job['kernel']} {job['row']['config']} "
+                          f"sm_{job['arch']} {job['layout']} {job['dtype']}: "
+                          f"reg={result.get('registers')} spill={result.get('spill_bytes')} "
+                          f"ld={result.get('load_bits')} st={result.get('store_bits')} "
+                          f"({result.get('compile_s')} s)"
+                          + (f" ERROR {result['error']}" if result.get("error") else ""),
+                          flush=True)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    rows = [{k: r.get(k) for k in FIELDS} for r in rows]
+    wall = time.perf_counter() - start
+    write_outputs(rows, out_dir, wall, quick, shape)
+    if verbose:
+        print(f"kernel_report: wrote {out_dir}/kernel_report.csv and .md in {wall:.1f} s",
+              flush=True)
+    return rows
+
+
+def spilling(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if (r.get("spill_bytes") or 0) > 0]
+
+
+def failed(rows: list[dict]) -> list[dict]:
+    """Configs that did not compile."""
+    return [r for r in rows if r.get("error")]
+
+
+def not_vectorized(rows: list[dict]) -> list[dict]:
+    """Eligible configs whose bulk loads or stores are not all 128-bit."""
+    return [r for r in rows if r["eligible"] and not r["vec128"] and not r.get("error")]
+
+
+def _fmt(v) -> str:
+    return "" if v is None else str(v)
+
+
+def write_outputs(rows: list[dict], out_dir: str, wall: float, quick: bool,
+                  shape=SHAPE) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "kernel_report.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    spills = spilling(rows)
+    novec = not_vectorized(rows)
+    lines = ["# tritonbn compiled-kernel report", ""]
+    lines.append(f"{len(rows)} config rows ({'quick subset' if quick else 'every config'}), "
+                 f"{wall:.0f} s. Inputs of shape {tuple(shape)} (16-byte aligned "
+                 "tensors); AOT compile, no GPU. "
+                 "Bits: narrowest (max) global load/store of the big tensors; 128 = 16 bytes "
+                 "per thread per instruction. `eligible`: config_fits keeps the config for "
+                 "some shape in this layout. WAVES is host-side only (same binary).")
+    lines.append("")
+    lines.append(f"- spilling configs: {len(spills)}")
+    for r in spills:
+        lines.append(f"  - {r['kernel']} {r['config']} {r['arch']} {r['layout']} "
+                     f"{r['dtype']}: {r['spill_bytes']} bytes")
+    errors = failed(rows)
+    lines.append(f"- configs that fail to compile: {len(errors)}")
+    for r in errors:
+        lines.append(f"  - {r['kernel']} {r['config']} {r['arch']} {r['layout']} "
+                     f"{r['dtype']}: {r['error']}")
+    lines.append(f"- eligible configs without 128-bit bulk loads/stores: {len(novec)}")
+    for r in novec:
+        lines.append(f"  - {r['kernel']} {r['config']} {r['arch']} {r['layout']} "
+                     f"{r['dtype']}: load {r['load_bits']} store {r['store_bits']}")
+    groups: dict = {}
+    for r in rows:
+        g = groups.setdefault((r["kernel"], r["arch"], r["layout"], r["dtype"]),
+                              dict(n=0, elig=0, vec=0, maxreg=0))
+        g["n"] += 1
+        g["elig"] += bool(r["eligible"])
+        g["vec"] += bool(r["eligible"] and r["vec128"])
+        g["maxreg"] = max(g["maxreg"], r["registers"] or 0)
+    lines += ["", "## Summary", "",
+              "| kernel | arch | layout | dtype | configs | eligible | eligible & 128-bit "
+              "| max registers |", "|---|---|---|---|---|---|---|---|"]
+    for (k, a, lay, d), g in groups.items():
+        lines.append(f"| {k} | {a} | {lay} | {d} | {g['n']} | {g['elig']} | {g['vec']} "
+                     f"| {g['maxreg']} |")
+    cols = ["kernel", "config", "arch", "layout", "dtype", "eligible", "registers",
+            "spill_bytes", "shared_bytes", "load_bits", "load_bits_max", "store_bits",
+            "store_bits_max", "other_load_bits_max", "vec128"]
+    lines += ["", "## Every config", "", "| " + " | ".join(cols) + " |",
+              "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    with open(os.path.join(out_dir, "kernel_report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def exit_code(rows: list[dict]) -> int:
+    """The script's exit status: 1 if any config spills or fails to compile."""
+    return 1 if spilling(rows) or failed(rows) else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=DEFAULT_OUT, help="output directory")
+    ap.add_argument("--quick", action="store_true", help="compile a small subset")
+    ap.add_argument("--jobs", type=int, default=2, help="compile processes")
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of fp32,bf16")
+    ap.add_argument("--archs", default=None,
+                    help="comma list of SM versions (default 90,80; 90 with --quick)")
+    ap.add_argument("--shape", default=",".join(map(str, SHAPE)),
+                    help="N,C,H,W input the kernels are specialised for")
+    a = ap.parse_args(argv)
+    rows = run(a.out, quick=a.quick, jobs=a.jobs,
+               archs=tuple(int(s) for s in a.archs.split(",")) if a.archs else None,
+               dtypes=tuple(a.dtypes.split(",")), shape=a.shape.split(","))
+    spills = spilling(rows)
+    novec = not_vectorized(rows)
+    print(f"{len(rows)} rows; {len(spills)} spilling; {len(failed(rows))} failing to "
+          f"compile; {len(novec)} eligible rows without 128-bit bulk access")
+    for r in spills:
+        print(f"SPILL {r['kernel']} {r['config']} {r['arch']} {r['layout']} {r['dtype']}: "
+              f"{r['spill_bytes']} bytes")
+    for r in failed(rows):
+        print(f"COMPILE ERROR {r['kernel']} {r['config']} {r['arch']} {r['layout']} "
+              f"{r['dtype']}: {r['error']}")
+    return exit_code(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

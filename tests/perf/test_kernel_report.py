@@ -1,0 +1,126 @@
+"""perf/kernel_report.py: the compiled-kernel report (AOT compile, no GPU needed).
+
+Runs the report on its quick subset (two tiles per kernel and the default configs, sm_90,
+fp32 and bf16, NCHW and channels_last) and checks its outputs and targets: everything
+compiles, nothing spills, the bulk loads/stores of every eligible config are 128-bit.
+"""
+from __future__ import annotations
+
+import csv
+import importlib
+import os
+import sys
+
+import pytest
+
+PERF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "perf")
+if PERF not in sys.path:
+    sys.path.insert(0, PERF)
+kernel_report = importlib.import_module("kernel_report")
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    """(out dir, exit status, rows read back from the CSV) of one quick run through the
+    Python API that perf/report.py uses."""
+    out = tmp_path_factory.mktemp("kernel_report")
+    api_rows = kernel_report.run(str(out), quick=True, verbose=False)
+    for key in ("kernel", "config", "arch", "layout", "registers", "spill_bytes",
+                "shared_bytes", "load_bits", "store_bits"):
+        assert key in api_rows[0]
+    with open(out / "kernel_report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(api_rows)
+    return out, kernel_report.exit_code(api_rows), rows
+
+
+def test_outputs_exist(quick_report):
+    out, code, rows = quick_report
+    assert (out / "kernel_report.csv").stat().st_size > 0
+    md = (out / "kernel_report.md").read_text()
+    assert "| kernel |" in md and "spilling configs: 0" in md
+    assert list(rows[0].keys()) == kernel_report.FIELDS
+    kernels = {r["kernel"] for r in rows}
+    assert kernels == {k[0] for k in kernel_report.KERNELS}
+    assert {r["layout"] for r in rows} == {"nchw", "channels_last"}
+    assert {r["dtype"] for r in rows} == {"fp32", "bf16"}
+    assert {r["arch"] for r in rows} == {"sm_90"}
+    # Two tiles per kernel (x2 WAVES for the reductions) + the default config, per
+    # (layout, dtype).
+    assert len(rows) == (4 + 4 + 2 + 2 + 4) * 2 * 2
+    assert sum(r["config"].startswith("default:") for r in rows) == 4 * 2 * 2
+
+
+def test_compiles_without_spills(quick_report):
+    _, code, rows = quick_report
+    errors = [(r["kernel"], r["config"], r["layout"], r["error"]) for r in rows if r["error"]]
+    assert not errors, errors
+    spills = [(r["kernel"], r["config"], r["spill_bytes"]) for r in rows
+              if r["spill_bytes"] and int(r["spill_bytes"]) > 0]
+    assert not spills, spills
+    assert code == 0
+    if kernel_report._cuobjdump() is not None:
+        assert all(0 < int(r["registers"]) <= 255 for r in rows)
+
+
+def test_bulk_accesses_are_128_bit(quick_report):
+    _, _, rows = quick_report
+    for r in rows:
+        assert r["eligible"] == "True", r  # quick tiles are usable in both layouts
+        assert r["vec128"] == "True", r
+        assert int(r["load_bits"]) == 128 and int(r["n_bulk_loads"]) > 0
+        if r["kernel"].startswith("bn_apply_kernel"):
+            assert int(r["store_bits"]) == 128 and int(r["n_bulk_stores"]) > 0
+        else:
+            assert r["store_bits"] == ""  # the reductions write only per-channel results
+
+
+def test_waves_share_one_binary(quick_report):
+    """WAVES is host-side: the two WAVES variants of a tile report the same binary."""
+    _, _, rows = quick_report
+    by_tile: dict = {}
+    for r in rows:
+        if "_W" in r["config"] and not r["config"].startswith("default:"):
+            tile = r["config"].split("_W")[0]
+            key = (r["kernel"], tile, r["arch"], r["layout"], r["dtype"])
+            by_tile.setdefault(key, set()).add((r["registers"], r["shared_bytes"]))
+    assert by_tile and all(len(v) == 1 for v in by_tile.values())
+
+
+PTX = """
+.visible .entry k(
+\t.param .u64 .ptr .global .align 1 k_param_0,
+\t.param .u64 .ptr .global .align 1 k_param_1,
+\t.param .u32 k_param_2
+)
+{
+\tld.param.b64 \t%rd1, [k_param_0];
+\tld.param.b64 \t%rd2, [k_param_1];
+\tld.param.b32 \t%r1, [k_param_2];
+\tmul.wide.s32 \t%rd3, %r1, 4;
+\tadd.s64 \t%rd4, %rd1, %rd3;
+\tmov.b64 \t%rd5, %rd4;
+$L__BB0_1:
+\t@%p1 ld.global.v4.b32 { %r2, %r3, %r4, %r5 }, [ %rd5 + 0 ];
+\tadd.s64 \t%rd5, %rd6, 16;
+\tadd.s64 \t%rd6, %rd5, 0;
+\t@%p1 ld.global.b32 { %r6 }, [ %rd6 + 0 ];
+\tadd.s64 \t%rd7, %rd2, %rd3;
+\t@%p2 ld.global.nc.v2.b32 { %r7, %r8 }, [ %rd7 + 0 ];
+\t@%p2 st.global.v2.b16 [ %rd7 + 0 ], { %rs1, %rs2 };
+\tret;
+}
+"""
+
+
+def test_ptx_taint_analysis():
+    """Bulk accesses are the ones whose address derives from a big tensor's pointer, also
+    through loop-carried registers; the rest (here k_param_1's) are per-channel."""
+    res = kernel_report.analyse_ptx(PTX, ["x_ptr", "w_ptr", "n"], {"x_ptr", "w_ptr"},
+                                    bulk_loads=("x_ptr",), bulk_stores=("w_ptr",))
+    assert res["n_bulk_loads"] == 2
+    # x's main (widest) load is 128-bit; its extra scalar load does not decide load_bits.
+    assert res["load_bits"] == 128 and res["load_bits_max"] == 128
+    assert res["other_load_bits_max"] == 64
+    assert res["store_bits"] == 32 and res["n_bulk_stores"] == 1
+    assert res["vec128"] is False  # the 32-bit store
