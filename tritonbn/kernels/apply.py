@@ -35,7 +35,9 @@ def bn_apply_kernel(
     so0, so1, so2, soi, soc,
     KEY_M, KEY_C,     # power-of-two buckets of M and C: autotuning key only
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
-    CONTIG: tl.constexpr, INT64: tl.constexpr, STAT_IS_VAR: tl.constexpr,
+    CONTIG: tl.constexpr, INT64: tl.constexpr,
+    VEC: tl.constexpr,                # elements per vector access the strides and sizes allow
+    STAT_IS_VAR: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BACKWARD: tl.constexpr, BATCH_STATS: tl.constexpr,
 ):
@@ -44,7 +46,7 @@ def bn_apply_kernel(
     c_block = pid % num_c_blocks
     tile = pid // num_c_blocks
     o0, o1, o2, i, c, mask = tile_index(tile, c_block, O1, O2, O, I, C,
-                                        BLOCK_O, BLOCK_I, BLOCK_C, INT64)
+                                        BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
     c_mask = c < C
     mean, invstd = load_channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, STAT_IS_VAR)
     if HAS_WEIGHT:
@@ -57,10 +59,10 @@ def bn_apply_kernel(
     # constexpr: a plain local would make this a runtime branch and leave x undefined below
     needs_x: tl.constexpr = (not BACKWARD) or BATCH_STATS
     if needs_x:
-        x_offs = tile_offsets(o0, o1, o2, i, c, sx0, sx1, sx2, sxi, sxc, CONTIG)
+        x_offs = tile_offsets(o0, o1, o2, i, c, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
-        dy_offs = tile_offsets(o0, o1, o2, i, c, sd0, sd1, sd2, sdi, sdc, CONTIG)
+        dy_offs = tile_offsets(o0, o1, o2, i, c, sd0, sd1, sd2, sdi, sdc, CONTIG, VEC)
         dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
         if BATCH_STATS:
             k1 = tl.load(coef_ptr + c, mask=c_mask, other=0.0)[None, None, :]
@@ -72,5 +74,5 @@ def bn_apply_kernel(
         out = (x - mean) * scale
         if HAS_BIAS:
             out += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, None, :]
-    out_offs = tile_offsets(o0, o1, o2, i, c, so0, so1, so2, soi, soc, CONTIG)
+    out_offs = tile_offsets(o0, o1, o2, i, c, so0, so1, so2, soi, soc, CONTIG, VEC)
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)

@@ -50,6 +50,7 @@ def bn_grad_stats_kernel(
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
     WAVES: tl.constexpr,            # split factor: programs per SM the grid aims for (host side)
     CONTIG: tl.constexpr, INT64: tl.constexpr,
+    VEC: tl.constexpr,                # elements per vector access the strides and sizes allow
     STAT_IS_VAR: tl.constexpr, HAS_GRAD_WEIGHT: tl.constexpr,
     HAS_GRAD_BIAS: tl.constexpr, WRITE_COEF: tl.constexpr,
 ):
@@ -67,9 +68,9 @@ def bn_grad_stats_kernel(
     sum_dy_xmu = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
     for tile in range(begin, end):
         o0, o1, o2, i, ci, mask = tile_index(tile, c_block, O1, O2, O, I, C,
-                                             BLOCK_O, BLOCK_I, BLOCK_C, INT64)
-        x_offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG)
-        dy_offs = tile_offsets(o0, o1, o2, i, ci, sd0, sd1, sd2, sdi, sdc, CONTIG)
+                                             BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
+        x_offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
+        dy_offs = tile_offsets(o0, o1, o2, i, ci, sd0, sd1, sd2, sdi, sdc, CONTIG, VEC)
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
         sum_dy += dy

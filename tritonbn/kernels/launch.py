@@ -178,7 +178,7 @@ def launch_stats(x, geom, running_mean, running_var, num_batches_tracked, moment
             *geom.sizes)
     _launch("bn_stats_kernel", lambda m: reduction_grid(geom, m, device), geom,
             x.element_size(), args + tuple(geom.strides[0]),
-            dict(CONTIG=geom.contig, INT64=geom.needs_int64, UPDATE_RUNNING=update,
+            dict(CONTIG=geom.contig, INT64=geom.needs_int64, VEC=geom.vec(x.element_size()), UPDATE_RUNNING=update,
                  CUMULATIVE=cumulative))
     if run_mean is not running_mean:
         running_mean.copy_(run_mean)
@@ -197,7 +197,7 @@ def launch_apply(x, dy, out, mean, stat, weight, bias, coef, eps, *, stat_is_var
             dummy if coef is None else coef, float(eps), *geom.sizes)
     _launch("bn_apply_kernel", lambda m: apply_grid(geom, m), geom, x.element_size(),
             args + tuple(strides[0]) + tuple(strides[1]) + tuple(strides[2]),
-            dict(CONTIG=geom.contig, INT64=geom.needs_int64, STAT_IS_VAR=stat_is_var,
+            dict(CONTIG=geom.contig, INT64=geom.needs_int64, VEC=geom.vec(x.element_size()), STAT_IS_VAR=stat_is_var,
                  HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                  BACKWARD=backward, BATCH_STATS=coef is not None))
     return out
@@ -219,7 +219,7 @@ def launch_grad_stats(x, dy, mean, stat, eps, *, stat_is_var, grad_weight, grad_
             float(eps), 1.0 / geom.reduction_size, *geom.sizes)
     _launch("bn_grad_stats_kernel", lambda m: reduction_grid(geom, m, device), geom,
             x.element_size(), args + tuple(geom.strides[0]) + tuple(geom.strides[1]),
-            dict(CONTIG=geom.contig, INT64=geom.needs_int64, STAT_IS_VAR=stat_is_var,
+            dict(CONTIG=geom.contig, INT64=geom.needs_int64, VEC=geom.vec(x.element_size()), STAT_IS_VAR=stat_is_var,
                  HAS_GRAD_WEIGHT=grad_weight is not None, HAS_GRAD_BIAS=grad_bias is not None,
                  WRITE_COEF=want_coef))
     return coef

@@ -46,6 +46,7 @@ def bn_stats_kernel(
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
     WAVES: tl.constexpr,            # split factor: programs per SM the grid aims for (host side)
     CONTIG: tl.constexpr, INT64: tl.constexpr,
+    VEC: tl.constexpr,                # elements per vector access the strides and sizes allow
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
 ):
     c_block = tl.program_id(0)
@@ -71,8 +72,8 @@ def bn_stats_kernel(
     m2 = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
     for tile in range(begin, end):
         o0, o1, o2, i, ci, mask = tile_index(tile, c_block, O1, O2, O, I, C,
-                                             BLOCK_O, BLOCK_I, BLOCK_C, INT64)
-        offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG)
+                                             BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
+        offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - shift_3d
         count += mask.to(tl.float32)
         delta = x - mean

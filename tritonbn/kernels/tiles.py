@@ -12,11 +12,25 @@ CONTIG_CHANNEL = 2
 
 
 @triton.jit
+def aligned(n, VEC: tl.constexpr):
+    """``n`` with its divisibility by VEC made visible to the compiler. The host chose VEC
+    to divide n, so this is exact; it lets masks and strides keep VEC-wide vector access
+    for shapes such as 14x14 = 196 that are multiples of 4 but not of 16."""
+    if VEC > 1:
+        n = (n // VEC) * VEC
+    return n
+
+
+@triton.jit
 def tile_index(tile, c_block, O1, O2, O, I, C,
                BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
-               INT64: tl.constexpr):
+               INT64: tl.constexpr, CONTIG: tl.constexpr, VEC: tl.constexpr):
     """Indices of tile ``tile`` (row-major over (outer tiles, inner tiles)) of channel block
     ``c_block``. Returns o0, o1, o2 [BLOCK_O], i [BLOCK_I], c [BLOCK_C] and the [O, I, C] mask."""
+    if CONTIG == 1:
+        I = aligned(I, VEC)
+    if CONTIG == 2:
+        C = aligned(C, VEC)
     num_i_tiles = tl.cdiv(I, BLOCK_I)
     o = (tile // num_i_tiles) * BLOCK_O + tl.arange(0, BLOCK_O)
     i = (tile % num_i_tiles) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -33,17 +47,19 @@ def tile_index(tile, c_block, O1, O2, O, I, C,
 
 
 @triton.jit
-def tile_offsets(o0, o1, o2, i, c, s0, s1, s2, s_inner, s_chan, CONTIG: tl.constexpr):
-    """Element offsets [BLOCK_O, BLOCK_I, BLOCK_C] of one tensor from its strides."""
-    row = o0 * s0 + o1 * s1 + o2 * s2
+def tile_offsets(o0, o1, o2, i, c, s0, s1, s2, s_inner, s_chan,
+                 CONTIG: tl.constexpr, VEC: tl.constexpr):
+    """Element offsets [BLOCK_O, BLOCK_I, BLOCK_C] of one tensor from its strides
+    (every stride other than the unit one is a multiple of VEC)."""
+    row = o0 * aligned(s0, VEC) + o1 * aligned(s1, VEC) + o2 * aligned(s2, VEC)
     if CONTIG == 1:
         inner = i
     else:
-        inner = i * s_inner
+        inner = i * aligned(s_inner, VEC)
     if CONTIG == 2:
         chan = c
     else:
-        chan = c * s_chan
+        chan = c * aligned(s_chan, VEC)
     return row[:, None, None] + inner[None, :, None] + chan[None, None, :]
 
 
