@@ -1,0 +1,289 @@
+"""CPU mode (no GPU): what can be known without one, through the Triton interpreter.
+
+1. Accuracy of every provider against float64, per phase, layout and dtype.
+2. tritonbn's memory traffic per phase (bytes read and written by its kernels, counted by
+   instrumenting the interpreter) and kernel launches, next to the minimum and to PyTorch's
+   native kernels.
+3. A program-count model: for every GPU-mode shape, how many programs each tritonbn launch
+   would start on a 132-SM H200 (default config; range over the autotuning candidates).
+4. The compiled-kernel report of perf/kernel_report.py (registers, spills, load widths).
+No timing here is a GPU timing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import _providers as P
+import _shapes as S
+from _common import Progress
+from _traffic import TrafficCounter
+
+H200_SMS = 132
+H200_L2_MB = 60
+PERF_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(PERF_DIR)
+
+
+# -- accuracy and traffic ----------------------------------------------------------------
+def _inputs(case: S.Case, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    C = case.shape[1]
+    offset = (torch.arange(C, dtype=torch.float64) - C / 2).view(1, C, *[1] * (len(case.shape) - 2))
+    x = torch.randn(case.shape, generator=g, dtype=torch.float64) * 2.0 + 3.0 + offset
+    dy = torch.randn(case.shape, generator=g, dtype=torch.float64)
+    dt = S.DTYPES[case.dtype]
+    return S.to_layout(x.to(dt), case.layout), S.to_layout(dy.to(dt), case.layout)
+
+
+def _run_phases(m, fwd, x, dy, counters: dict | None):
+    """train forward, backward, eval forward; returns outputs per phase. ``counters``:
+    phase -> TrafficCounter (tritonbn) to count each phase separately."""
+    import contextlib
+
+    def count(phase):
+        return counters[phase] if counters is not None else contextlib.nullcontext()
+
+    x = x.detach().requires_grad_()
+    m.train()
+    with count("train_fwd"):
+        y = fwd(x)
+    out = {"train_fwd": {"y": y, "running_mean": m.running_mean.clone(),
+                         "running_var": m.running_var.clone()}}
+    with count("bwd"):
+        dx, dw, db = torch.autograd.grad(y, [x, m.weight, m.bias], dy)
+    out["bwd"] = {"dx": dx, "dweight": dw, "dbias": db}
+    m.eval()
+    with count("eval_fwd"), torch.no_grad():
+        ye = fwd(x)
+    out["eval_fwd"] = {"y": ye}
+    out["_layout_kept"] = (y.stride() == x.stride()) and (dx.stride() == x.stride())
+    return out
+
+
+def _errors(got: dict, ref: dict) -> tuple[float, float]:
+    """Max abs error and max normwise relative error (max|err| / max|ref|) over outputs."""
+    abs_e, rel_e = 0.0, 0.0
+    for k, r in ref.items():
+        d = (got[k].double() - r).abs().max().item()
+        abs_e = max(abs_e, d)
+        rel_e = max(rel_e, d / max(r.abs().max().item(), 1e-30))
+    return abs_e, rel_e
+
+
+def case_rows(case: S.Case, providers: list[str], log) -> list[dict]:
+    x, dy = _inputs(case)
+    ndim, C = len(case.shape), case.shape[1]
+    ref_m = P.init_module(P.TORCH_CLASSES[ndim](C)).double()
+    ref = _run_phases(ref_m, ref_m, x.double(), dy.double(), None)
+    rows = []
+    for prov in providers:
+        base = dict(provider=prov, family=case.family, layout=case.layout,
+                    shape="x".join(map(str, case.shape)), dtype=case.dtype, numel=case.numel)
+        t0 = time.perf_counter()
+        try:
+            if prov == "torch_compile":
+                torch._dynamo.reset()
+            m, fwd = P.make(prov, ndim, C, "cpu", case.dtype)
+            counters = ({p: TrafficCounter() for p in ("train_fwd", "bwd", "eval_fwd")}
+                        if prov.startswith("tritonbn") else None)
+            with P.autotune_env(prov):
+                got = _run_phases(m, fwd, x, dy, counters)
+        except Exception as e:  # recorded, never fatal
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            log(f"  {prov} {case.label}: FAILED {msg}")
+            rows += [dict(base, phase=p, error=msg) for p in S.PHASES]
+            continue
+        wall = time.perf_counter() - t0
+        per = {}
+        for phase in ("train_fwd", "bwd", "eval_fwd"):
+            a, r = _errors(got[phase], ref[phase])
+            row = dict(base, phase=phase, max_abs_err=a, max_rel_err=r,
+                       layout_kept=got["_layout_kept"], wall_s=round(wall, 2))
+            if counters is not None:
+                row.update(counters[phase].summary(case.numel))
+                row["_by_argument"] = counters[phase].by_argument()
+            per[phase] = row
+        fb = dict(base, phase="fwd_bwd",
+                  max_abs_err=max(per["train_fwd"]["max_abs_err"], per["bwd"]["max_abs_err"]),
+                  max_rel_err=max(per["train_fwd"]["max_rel_err"], per["bwd"]["max_rel_err"]),
+                  layout_kept=got["_layout_kept"], wall_s=round(wall, 2))
+        if counters is not None:
+            for k in ("launches", "big_read_bytes", "big_write_bytes", "small_bytes",
+                      "unattributed_bytes", "bytes_per_element", "small_bytes_per_element"):
+                fb[k] = per["train_fwd"][k] + per["bwd"][k]
+            fb["launch_kernels"] = per["train_fwd"]["launch_kernels"] + ";" + per["bwd"]["launch_kernels"]
+        per["fwd_bwd"] = fb
+        for phase in S.PHASES:
+            r = per[phase]
+            es = case.elem_size
+            r["min_bytes_per_element"] = S.MIN_PASSES[phase] * es
+            r["torch_native_bytes_per_element"] = S.TORCH_NATIVE_PASSES[phase] * es
+            rows.append(r)
+    return rows
+
+
+# -- program-count model -----------------------------------------------------------------
+def grid_rows() -> list[dict]:
+    """Programs per launch on an H200 (132 SMs) for every GPU-mode shape: the fixed
+    default config, and the range over the autotuning candidates that survive pruning."""
+    from tritonbn.kernels import configs as C_
+    from tritonbn.kernels import launch as L
+    from tritonbn.kernels.geometry import make_geometry
+
+    cuda = torch.device("cuda")
+    old = L._sm_count
+    L._sm_count = lambda device: H200_SMS  # the launchers' grid functions, for an H200
+    rows = []
+    try:
+        for case in S.grid_model_cases():
+            x = S.empty(case.shape, case.layout, S.DTYPES[case.dtype], "meta")
+            geom = make_geometry(x)
+            es = x.element_size()
+            default = C_.default_config(geom, es, interpreted=False)
+            mb = case.numel * es / 1e6  # one tensor; the backward re-reads two (x, dy)
+            for kernel, reduction in (("stats/grad_stats", True), ("apply", False)):
+                def programs(meta):
+                    if reduction:
+                        cb, sp = L.reduction_grid(geom, meta, cuda)
+                        return cb * sp
+                    return L.apply_grid(geom, meta)[0]
+                cands = [c.kwargs for c in C_.kernel_configs(reduction)
+                         if C_.config_fits(c.kwargs, geom.outer_size, geom.inner_size,
+                                           geom.channels, geom.contig, 2 * H200_SMS)]
+                progs = [programs(k) for k in cands] or [None]
+                p = programs(default)
+                cfg = "x".join(str(default[k]) for k in ("BLOCK_O", "BLOCK_I", "BLOCK_C"))
+                rows.append(dict(
+                    family=case.family, name=case.name, shape="x".join(map(str, case.shape)),
+                    layout=case.layout, dtype=case.dtype, kernel=kernel,
+                    default_tile=cfg, default_warps=default["num_warps"],
+                    default_waves_param=default["WAVES"] if reduction else None,
+                    programs=p, programs_per_sm=round(p / H200_SMS, 2),
+                    tuned_candidates=len(cands),
+                    tuned_programs_min=min(progs) if cands else None,
+                    tuned_programs_max=max(progs) if cands else None,
+                    tensor_mb=round(mb, 2), fwd_reread_fits_l2=mb <= H200_L2_MB,
+                    bwd_reread_fits_l2=2 * mb <= H200_L2_MB))
+    finally:
+        L._sm_count = old
+    return rows
+
+
+# -- compiled-kernel report --------------------------------------------------------------
+KERNEL_FIELDS = ("kernel", "config", "arch", "layout", "dtype", "registers", "spill_bytes",
+                 "shared_bytes", "load_bits", "store_bits", "error")
+
+
+def kernel_report(out_dir: str, quick: bool, timeout_s: float, log) -> tuple[list, str | None]:
+    """perf/kernel_report.run(out_dir, quick) in a child process (it compiles with the real
+    Triton compiler, so TRITON_INTERPRET must be unset there, and a time limit applies).
+    Returns (rows, error message or None)."""
+    if not os.path.exists(os.path.join(PERF_DIR, "kernel_report.py")):
+        return [], "perf/kernel_report.py is absent"
+    fd, tmp = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    code = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[2]]; "
+            "import kernel_report as K; rows = K.run(sys.argv[3], quick=sys.argv[4] == '1'); "
+            "json.dump(rows, open(sys.argv[5], 'w'), default=str)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, PERF_DIR, REPO, out_dir,
+                               "1" if quick else "0", tmp], env=env, capture_output=True,
+                              text=True, timeout=timeout_s)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return [], f"kernel_report failed (exit {proc.returncode}): " + " | ".join(tail)
+        with open(tmp) as f:
+            rows = json.load(f)
+        return [{k: r.get(k) for k in KERNEL_FIELDS} for r in rows], None
+    except subprocess.TimeoutExpired:
+        return [], f"kernel_report did not finish within {timeout_s:.0f} s"
+    except Exception as e:
+        return [], f"kernel_report failed: {type(e).__name__}: {e}"
+    finally:
+        os.unlink(tmp)
+
+
+def interpreter_bf16_cast() -> str:
+    """How the interpreter rounds fp32 -> bf16 in ``.to(tl.bfloat16)`` (the GPU rounds to
+    nearest even): explains bf16 errors of up to one unit in the last place here."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast(src, dst, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(dst + i, tl.load(src + i, mask=i < n).to(tl.bfloat16), mask=i < n)
+
+    a = torch.randn(256, generator=torch.Generator().manual_seed(0))
+    b = torch.empty(256, dtype=torch.bfloat16)
+    cast[(1,)](a, b, 256, BLOCK=256)
+    trunc = (a.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    if torch.equal(b, a.to(torch.bfloat16)):
+        return "round-to-nearest-even"
+    if torch.equal(b, trunc):
+        return "truncation (round toward zero)"
+    return "other"
+
+
+# -- driver ------------------------------------------------------------------------------
+def compile_works(log) -> str | None:
+    """None when torch.compile runs a BatchNorm on CPU here, else the reason it does not."""
+    try:
+        torch._dynamo.reset()
+        m = torch.compile(torch.nn.BatchNorm1d(4), dynamic=False)
+        m(torch.randn(8, 4)).sum()
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def run(quick: bool, out_dir: str, use_compile: bool, log) -> dict:
+    t_start = time.perf_counter()
+    cases = S.cpu_cases(quick)
+    compile_reason = compile_works(log) if use_compile else "disabled (--no-compile)"
+    if compile_reason:
+        log(f"torch.compile skipped: {compile_reason}")
+    # torch.compile on the 2d layouts only (its compile time is seconds per dtype/shape).
+    compile_layouts = ("NCHW",) if quick else ("NCHW", "NHWC")
+    compile_dtypes = ("fp32",) if quick else ("fp32", "bf16", "fp16")
+    prog = Progress(len(cases) + 2, "CPU mode (Triton interpreter)")
+    rows = []
+    for case in cases:
+        provs = ["tritonbn", "torch"]
+        if (compile_reason is None and case.layout in compile_layouts
+                and case.dtype in compile_dtypes):
+            provs.append("torch_compile")
+        rows += case_rows(case, provs, log)
+        prog.step(case.label)
+    bf16_cast = interpreter_bf16_cast()
+    grid = grid_rows()
+    prog.step(f"program-count model: {len(grid)} rows")
+    kt = time.perf_counter()
+    kernels, kerr = kernel_report(out_dir, quick, 90 if quick else 420, log)
+    if kerr:
+        log(f"kernel report: {kerr}")
+    prog.step(f"kernel report: {len(kernels)} rows ({time.perf_counter() - kt:.0f} s)")
+
+    traffic = [dict(phase=r["phase"], layout=r["layout"], shape=r["shape"], dtype=r["dtype"],
+                    bytes_per_element=r.get("bytes_per_element"),
+                    small_bytes_per_element=r.get("small_bytes_per_element"),
+                    min_bytes_per_element=r["min_bytes_per_element"],
+                    torch_native_bytes_per_element=r["torch_native_bytes_per_element"],
+                    launches=r.get("launches"), launch_kernels=r.get("launch_kernels"),
+                    bytes_by_argument=r.get("_by_argument"))
+               for r in rows if r["provider"] == "tritonbn" and "error" not in r]
+    for r in rows:
+        r.pop("_by_argument", None)
+    return dict(mode="cpu", quick=quick, rows=rows, grid=grid, traffic=traffic,
+                kernels=kernels, kernels_error=kerr, compile_skipped=compile_reason,
+                interpreter_bf16_cast=bf16_cast,
+                compile_subset=dict(layouts=compile_layouts, dtypes=compile_dtypes),
+                wall_s=round(time.perf_counter() - t_start, 1))

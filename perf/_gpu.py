@@ -1,0 +1,347 @@
+"""GPU mode: time every provider on every case, within a time budget.
+
+Timing: ``triton.testing.do_bench`` median (it flushes L2 before every call) over inputs
+rotated through several buffer sets (together at least 4x the L2 size where memory allows),
+after a warm-up call whose wall time (compile / autotuning) is reported separately as
+first_call_s. For short cases (< 100 us) also a CUDA-graph timing (many calls captured in
+one graph, rotated inputs, no flush: the graph figure hides host overhead, and it is
+L2-resident when the rotated set fits in L2; flagged per row).
+Effective bandwidth uses the minimal bytes: forward x + y, backward x + dy + dx.
+Nothing here is ever estimated: a row carries what was measured, or an error / skip reason.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import statistics
+import time
+
+import torch
+import triton
+import triton.testing
+
+import _providers as P
+import _shapes as S
+from _common import Progress
+
+GRAPH_BELOW_MS = 0.1      # also time with a CUDA graph when do_bench says less than this
+CASE_TIMEOUT_S = 150      # SIGALRM per case: a stuck case is recorded and skipped
+REF_MAX_NUMEL = 64 << 20  # float64 accuracy check of the forward up to this size
+DEVICE = "cuda"           # (tests point this elsewhere to exercise the pipeline on CPU)
+
+
+def device_info() -> dict:
+    p = torch.cuda.get_device_properties(0)
+    info = dict(name=torch.cuda.get_device_name(0), sm_count=p.multi_processor_count,
+                capability=f"{p.major}.{p.minor}", memory_gb=round(p.total_memory / 1e9, 1),
+                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    info["l2_bytes"] = getattr(p, "L2_cache_size", None) or 50 << 20
+    return info
+
+
+def copy_bandwidth(n_bytes: int = 1 << 30) -> dict:
+    """Device-to-device copy: (bytes read + bytes written) / time, do_bench median."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100,
+                                 return_mode="median")
+    del src, dst
+    return dict(bytes=n_bytes, ms=ms, gbps=2 * n_bytes / ms / 1e6)
+
+
+def host_overhead(n_calls: int = 2000) -> list[dict]:
+    """Host time per call of a BatchNorm2d module on a tiny input: the loop runs without
+    synchronisation (enqueue rate) then one final synchronize (both reported)."""
+    rows = []
+    x = torch.randn(2, 16, 4, 4, device="cuda")
+    for prov in ("tritonbn", "tritonbn_tuned", "torch"):
+        for mode in ("train_fwd", "eval_fwd"):
+            try:
+                with P.autotune_env(prov):
+                    m, fwd = P.make(prov, 4, 16, "cuda")
+                    m.train(mode == "train_fwd")
+                    with torch.set_grad_enabled(mode == "train_fwd"):
+                        for _ in range(20):
+                            fwd(x)
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        for _ in range(n_calls):
+                            fwd(x)
+                        t1 = time.perf_counter()
+                        torch.cuda.synchronize()
+                        t2 = time.perf_counter()
+                rows.append(dict(provider=prov, phase=mode, shape="2x16x4x4", n_calls=n_calls,
+                                 us_per_call_no_sync=(t1 - t0) / n_calls * 1e6,
+                                 us_per_call_with_sync=(t2 - t0) / n_calls * 1e6))
+            except Exception as e:
+                rows.append(dict(provider=prov, phase=mode, error=_msg(e)))
+    return rows
+
+
+def _msg(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0][:300] if s else ''}"
+
+
+def _profile(f) -> tuple[int, list[str]]:
+    """GPU activities (kernels, memsets, copies) of one call, via torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        f()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()
+             if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    return len(names), names
+
+
+def _backend(names: list[str]) -> str:
+    low = " ".join(names).lower()
+    if "cudnn" in low or "bn_fw" in low or "bn_bw" in low:
+        return "cudnn"
+    if "batch_norm" in low:
+        return "native"
+    if "triton" in low:
+        return "triton"
+    return "other"
+
+
+def _short(name: str) -> str:
+    name = name.split("(")[0].split("<")[0].replace("void ", "").strip()
+    return name[-60:]
+
+
+def _graph_ms(build, n_calls: int, replays: int = 5) -> float:
+    """Median time per call of ``n_calls`` calls captured in one CUDA graph. ``build`` makes
+    the callable on the capture stream (so backward graphs share its stream)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        f = build()
+        for _ in range(3):
+            f()
+    stream.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=stream):
+        for _ in range(n_calls):
+            f()
+    torch.cuda.synchronize()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / n_calls)
+    del g
+    return statistics.median(times)
+
+
+class _Alarm:
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def _fire(self, *a):
+        raise TimeoutError(f"case took over {self.seconds} s")
+
+    def __enter__(self):
+        self.old = signal.signal(signal.SIGALRM, self._fire)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.old)
+        return False
+
+
+def _rotation(case: S.Case, l2: int) -> int:
+    """Buffer sets (x, dy) so that the rotated set is >= 4x L2, at most 32 and 8 GB."""
+    per_set = 2 * case.numel * case.elem_size
+    k = math.ceil(4 * l2 / per_set)
+    return max(1, min(k, 32, (8 << 30) // per_set))
+
+
+class Bencher:
+    def __init__(self, opts, info: dict, copy_gbps: float | None, log):
+        self.opts, self.info, self.copy_gbps, self.log = opts, info, copy_gbps, log
+        self.profiled: set = set()
+
+    def case_rows(self, case: S.Case) -> list[dict]:
+        k = _rotation(case, self.info["l2_bytes"])
+        dt = S.DTYPES[case.dtype]
+        xs, dys = [], []
+        for _ in range(k):
+            xs.append(S.empty(case.shape, case.layout, dt, DEVICE).normal_().requires_grad_())
+            dys.append(S.empty(case.shape, case.layout, dt, DEVICE).normal_())
+        ref = None
+        if case.numel <= REF_MAX_NUMEL:
+            m64 = P.init_module(P.TORCH_CLASSES[len(case.shape)](case.shape[1])).to(DEVICE).double()
+            with torch.no_grad():
+                ref = m64(xs[0].detach().double())
+            del m64
+        rows = []
+        for prov in case.providers:
+            rows += self._provider_rows(case, prov, xs, dys, ref, k)
+        del xs, dys, ref
+        torch.cuda.empty_cache()
+        return rows
+
+    def _provider_rows(self, case, prov, xs, dys, ref, k) -> list[dict]:
+        rows = []
+        base = dict(family=case.family, name=case.name, shape="x".join(map(str, case.shape)),
+                    layout=case.layout, dtype=case.dtype, count=case.count, provider=prov,
+                    numel=case.numel, rot_sets=k,
+                    rot_bytes=2 * k * case.numel * case.elem_size)
+        try:
+            if prov == "torch_compile":
+                torch._dynamo.reset()
+            m, fwd = P.make(prov, len(case.shape), case.shape[1], DEVICE, case.dtype)
+        except Exception as e:
+            return [dict(base, phase=p, error=_msg(e)) for p in self.opts.phases]
+        for phase in self.opts.phases:
+            row = dict(base, phase=phase,
+                       min_bytes=S.MIN_PASSES[phase] * case.numel * case.elem_size)
+            try:
+                with P.autotune_env(prov):
+                    self._measure(row, case, prov, phase, m, fwd, xs, dys, ref)
+            except Exception as e:
+                row["error"] = _msg(e)
+                self.log(f"  {prov} {phase} {case.label}: {row['error']}")
+            rows.append(row)
+        return rows
+
+    def _measure(self, row, case, prov, phase, m, fwd, xs, dys, ref):
+        f = P.phase_callable(phase, m, fwd, xs, dys)
+        t0 = time.perf_counter()
+        out = f()
+        torch.cuda.synchronize()
+        row["first_call_s"] = round(time.perf_counter() - t0, 3)
+        if phase == "train_fwd" and ref is not None and prov != "apex":
+            row["max_rel_err_vs_fp64"] = ((out.double() - ref).abs().max()
+                                          / ref.abs().max()).item()
+        del out
+        ms = triton.testing.do_bench(f, warmup=self.opts.warmup_ms, rep=self.opts.rep_ms,
+                                     return_mode="median")
+        row["ms"] = ms
+        row["gbps"] = row["min_bytes"] / ms / 1e6
+        if self.copy_gbps:
+            row["pct_of_copy_bw"] = 100 * row["gbps"] / self.copy_gbps
+        if ms < GRAPH_BELOW_MS and self.opts.graphs:
+            k = len(xs)
+            n = min(400, max(k, int(1.0 / max(ms, 1e-3))))
+            n = k * math.ceil(n / k)
+            try:
+                g = _graph_ms(lambda: P.phase_callable(phase, m, fwd, xs, dys), n)
+                row["ms_graph"] = g
+                row["graph_calls"] = n
+                row["gbps_graph"] = row["min_bytes"] / g / 1e6
+                row["graph_l2_resident"] = row["rot_bytes"] <= self.info["l2_bytes"]
+            except Exception as e:
+                row["graph_error"] = _msg(e)
+        key = (prov, case.family, case.layout, case.dtype, phase)
+        if self.opts.profile != "none" and (self.opts.profile == "all" or prov == "torch"
+                                            or key not in self.profiled):
+            self.profiled.add(key)
+            try:
+                n, names = _profile(f)
+                row["launches"] = n
+                row["kernels"] = ";".join(sorted({_short(x) for x in names}))
+                if prov == "torch":
+                    row["backend"] = _backend(names)
+            except Exception as e:
+                row["profile_error"] = _msg(e)
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_<provider> on the tritonbn rows: provider ms / tritonbn ms (providers
+    measured in separate cases of the same shape, e.g. torch.compile, match too)."""
+    key = lambda r: (r["family"], r["name"], r["shape"], r["layout"], r["dtype"], r["phase"])
+    ms = {}
+    for r in rows:
+        if r.get("ms"):
+            ms[key(r) + (r["provider"],)] = r["ms"]
+    for r in rows:
+        if r["provider"] == "tritonbn" and r.get("ms"):
+            for (*k, prov), v in ms.items():
+                if tuple(k) == key(r) and prov != "tritonbn":
+                    r[f"speedup_vs_{prov}"] = v / r["ms"]
+
+
+def network_sums(rows: list[dict]) -> list[dict]:
+    """Sum over ResNet-50's 53 BatchNorm layers (count x measured per-layer time), for each
+    batch, layout, dtype, phase and provider with all 12 distinct layers measured."""
+    groups: dict = {}
+    for r in rows:
+        if r["family"].startswith("resnet50") and r.get("ms"):
+            k = (r["family"], r["layout"], r["dtype"], r["phase"], r["provider"])
+            groups.setdefault(k, []).append(r)
+    out = []
+    for (fam, layout, dt, phase, prov), rs in sorted(groups.items()):
+        if len({r["name"] for r in rs}) == len(S.RESNET50_BN):
+            out.append(dict(family=fam, layout=layout, dtype=dt, phase=phase, provider=prov,
+                            layers=sum(r["count"] for r in rs),
+                            ms=sum(r["count"] * r["ms"] for r in rs)))
+    return out
+
+
+def run(opts, log) -> dict:
+    t_start = time.perf_counter()
+    deadline = t_start + opts.budget_s - 20  # keep 20 s for the outputs
+    info = device_info()
+    log(f"GPU mode on {info['name']} ({info['sm_count']} SMs, L2 {info['l2_bytes'] >> 20} MB)")
+    summary = dict(mode="gpu", device=info, quick=opts.quick, budget_s=opts.budget_s)
+    try:
+        summary["copy_bandwidth"] = copy_bandwidth()
+        log(f"copy bandwidth: {summary['copy_bandwidth']['gbps']:.0f} GB/s")
+    except Exception as e:
+        summary["copy_bandwidth"] = dict(error=_msg(e))
+    copy_gbps = summary["copy_bandwidth"].get("gbps")
+    summary["host_overhead"] = host_overhead(500 if opts.quick else 2000)
+    cases = S.gpu_cases(opts.quick, opts.autotune, opts.compile)
+    if P.apex_available():
+        cases += [S.Case(c.family, c.name, c.shape, c.layout, "fp16", c.count, ("apex",))
+                  for c in cases if c.family == "resnet50_b256" and c.layout == "NHWC"
+                  and c.dtype == "bf16" and c.name in S.RESNET50_FEW]
+    bench = Bencher(opts, info, copy_gbps, log)
+    prog = Progress(len(cases), "GPU cases")
+    rows, skipped, case_s = [], [], []
+    try:
+        for case in cases:
+            _one_case(case, bench, deadline, case_s, rows, skipped, prog, opts)
+    except KeyboardInterrupt:  # SIGTERM / Ctrl-C: keep what was measured
+        summary["interrupted"] = True
+        log("interrupted: writing what was measured")
+    add_speedups(rows)
+    first = {}
+    for r in rows:
+        if r.get("first_call_s") is not None:
+            first[r["provider"]] = round(first.get(r["provider"], 0.0) + r["first_call_s"], 1)
+    summary.update(rows=rows, skipped_budget=skipped, network_sums=network_sums(rows),
+                   first_call_s_total=first, cases_run=len(case_s),
+                   wall_s=round(time.perf_counter() - t_start, 1))
+    return summary
+
+
+def _one_case(case, bench, deadline, case_s, rows, skipped, prog, opts):
+    """Runs one case unless the budget is spent (then lists it as skipped)."""
+    est = statistics.median(case_s) if case_s else 3.0
+    if time.perf_counter() + est > deadline:
+        skipped.append(case.label + " " + "+".join(case.providers))
+        prog.step(f"skipped (budget) {case.label}")
+        return
+    t0 = time.perf_counter()
+    try:
+        with _Alarm(CASE_TIMEOUT_S):
+            rows += bench.case_rows(case)
+    except Exception as e:  # out of memory, timeout ...
+        rows += [dict(family=case.family, name=case.name, layout=case.layout,
+                      shape="x".join(map(str, case.shape)), dtype=case.dtype,
+                      provider=p, phase="all", error=_msg(e)) for p in case.providers]
+        torch.cuda.empty_cache()
+    case_s.append(time.perf_counter() - t0)
+    prog.step(f"{case.label} [{'+'.join(case.providers)}] {case_s[-1]:.1f} s")
+    if opts.on_partial:
+        opts.on_partial(rows)

@@ -1,0 +1,123 @@
+"""BatchNorm providers and the four measured phases.
+
+Providers: ``tritonbn`` (fixed default config, TRITONBN_AUTOTUNE=0), ``tritonbn_tuned``
+(autotuned, TRITONBN_AUTOTUNE=1), ``torch`` (eager: cuDNN or PyTorch's native kernels, as
+torch chooses), ``torch_compile`` (the same torch module through torch.compile / Inductor),
+``apex`` (apex.contrib.groupbn NHWC fp16, only when importable).
+Every provider is a module with fp32 parameters and running statistics (the AMP set-up).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+
+import torch
+from torch import nn
+
+import tritonbn
+
+TORCH_CLASSES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+@contextlib.contextmanager
+def autotune_env(provider: str):
+    """tritonbn reads TRITONBN_AUTOTUNE at every call: set it for the provider."""
+    old = os.environ.get("TRITONBN_AUTOTUNE")
+    if provider.startswith("tritonbn"):
+        os.environ["TRITONBN_AUTOTUNE"] = "1" if provider == "tritonbn_tuned" else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITONBN_AUTOTUNE", None)
+        else:
+            os.environ["TRITONBN_AUTOTUNE"] = old
+
+
+def init_module(m: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial affine parameters and running statistics, the same for every provider."""
+    g = torch.Generator().manual_seed(seed)
+    C = m.num_features
+    with torch.no_grad():
+        m.weight.copy_(torch.rand(C, generator=g) + 0.5)
+        m.bias.copy_(torch.randn(C, generator=g))
+        m.running_mean.copy_(torch.randn(C, generator=g))
+        m.running_var.copy_(torch.rand(C, generator=g) + 0.5)
+    return m
+
+
+def apex_available() -> bool:
+    try:
+        from apex.contrib.groupbn.batch_norm import BatchNorm2d_NHWC  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+class _ApexNHWC(nn.Module):
+    """apex groupbn (NHWC, fp16) behind the NCHW-shaped channels_last interface."""
+
+    def __init__(self, C):
+        super().__init__()
+        from apex.contrib.groupbn.batch_norm import BatchNorm2d_NHWC
+        self.bn = BatchNorm2d_NHWC(C)
+        self.num_features = C
+
+    def forward(self, x):
+        return self.bn(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def make(provider: str, ndim: int, C: int, device, dtype_name: str = "fp32"):
+    """(module holding the state, callable forward) for ``provider``."""
+    if provider == "apex":
+        if ndim != 4 or dtype_name != "fp16" or not apex_available():
+            raise NotImplementedError("apex groupbn: fp16 NHWC 2d only, and apex importable")
+        m = _ApexNHWC(C).to(device)
+        return m, m
+    cls = TORCH_CLASSES[ndim]
+    if provider.startswith("tritonbn"):
+        cls = getattr(tritonbn, cls.__name__)
+    m = init_module(cls(C)).to(device)
+    if provider == "torch_compile":
+        return m, torch.compile(m, dynamic=False)
+    return m, m
+
+
+def params(m: nn.Module) -> list[torch.Tensor]:
+    return [p for p in m.parameters() if p.requires_grad]
+
+
+def phase_callable(phase: str, m: nn.Module, fwd, xs: list, dys: list):
+    """A no-argument callable running ``phase`` once, on the next of the rotated inputs.
+
+    train_fwd: forward in training mode with autograd recording (as in training);
+    eval_fwd: forward in eval mode under no_grad; bwd: backward only, through the autograd
+    graph of forwards made here (retained); fwd_bwd: forward then backward."""
+    order = itertools.cycle(range(len(xs)))
+    ps = params(m)
+    if phase == "train_fwd":
+        m.train()
+        return lambda: fwd(xs[next(order)])
+    if phase == "eval_fwd":
+        m.eval()
+
+        def run():
+            with torch.no_grad():
+                return fwd(xs[next(order)])
+        return run
+    m.train()
+    if phase == "bwd":
+        ys = [fwd(x) for x in xs]
+
+        def run():
+            j = next(order)
+            return torch.autograd.grad(ys[j], [xs[j], *ps], dys[j], retain_graph=True)
+        return run
+    if phase == "fwd_bwd":
+        def run():
+            j = next(order)
+            y = fwd(xs[j])
+            return torch.autograd.grad(y, [xs[j], *ps], dys[j])
+        return run
+    raise ValueError(phase)

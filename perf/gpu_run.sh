@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU session in one script: the test suite on the GPU, then perf/report.py in GPU mode.
+# Uses the machine's python3 with its preinstalled torch / triton / matplotlib / pytest and
+# installs nothing (PYTHONPATH=. stands in for `pip install -e .`). The report runs even if
+# tests fail; exit codes go to $OUT/exit_codes.txt, logs to $OUT/*.log, and the report
+# folder (perf/results/<gpu name>/) to $OUT/<gpu name>.tar.gz (the device tool brings back
+# at most 8 files, so the folder travels as one archive).
+#   OUT=/some/dir bash perf/gpu_run.sh [extra perf/report.py options, e.g. --budget-s 240]
+# Time limits (seconds): TEST_TIMEOUT_S (default 300), REPORT_TIMEOUT_S (default 360; the
+# report's own --budget-s default is 300 and it writes what it has if stopped).
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-perf/results}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
+PY="${PYTHON:-python3}"
+
+{
+  echo "== gpu_run.sh $(date -Is) on $(hostname)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+} 2>&1 | tee "$OUT/gpu_run.log"
+
+echo "== pytest ($(date -Is))" | tee -a "$OUT/gpu_run.log"
+timeout -k 15 "${TEST_TIMEOUT_S:-300}" "$PY" -m pytest -q tests 2>&1 | tee "$OUT/pytest.log"
+TEST_RC=${PIPESTATUS[0]}
+echo "== pytest exit code $TEST_RC" | tee -a "$OUT/gpu_run.log"
+
+NAME=$("$PY" -c "import sys, torch; sys.path.insert(0, 'perf'); import report; print(report._sanitize(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo unknown_gpu)
+REPORT_DIR="perf/results/$NAME"
+[ "$NAME" = cpu ] && REPORT_DIR="$OUT/cpu_mode"  # no GPU after all: leave perf/results/cpu alone
+echo "== perf/report.py -> $REPORT_DIR ($(date -Is))" | tee -a "$OUT/gpu_run.log"
+timeout -k 20 "${REPORT_TIMEOUT_S:-360}" "$PY" perf/report.py --out "$REPORT_DIR" "$@" 2>&1 | tee "$OUT/report.log"
+REPORT_RC=${PIPESTATUS[0]}
+echo "== report exit code $REPORT_RC ($(date -Is))" | tee -a "$OUT/gpu_run.log"
+
+if [ "$NAME" != cpu ] && [ -d "$REPORT_DIR" ]; then
+  tar czf "$OUT/$NAME.tar.gz" -C "$(dirname "$REPORT_DIR")" "$(basename "$REPORT_DIR")"
+fi
+printf 'pytest=%s\nreport=%s\n' "$TEST_RC" "$REPORT_RC" | tee "$OUT/exit_codes.txt"
+exit 0
