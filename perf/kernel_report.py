@@ -155,6 +155,7 @@ def _capture(label: str, layout: str, dtype: str, shape=SHAPE):
     mean, invstd = torch.zeros(C), torch.ones(C)
     sink: dict = {}
     saved = dict(launch.RAW), dict(launch.TUNED)
+    launch.clear_caches()  # cached launch plans hold the kernel objects
     try:
         for name in launch.RAW:
             launch.RAW[name] = _Recorder(name, sink)
@@ -177,6 +178,7 @@ def _capture(label: str, layout: str, dtype: str, shape=SHAPE):
     finally:
         launch.RAW.update(saved[0])
         launch.TUNED.update(saved[1])
+        launch.clear_caches()
     (name, (args, kwargs)), = sink.items()
     kernel = saved[0][name]
     _CAPTURED[key] = (kernel, args, kwargs)

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_dispatch_mode
 
 from .kernels.launch import INTERPRETED
 from .ops import batch_norm as _ops  # noqa: F401  (registers torch.ops.tritonbn.*)
@@ -72,14 +73,23 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     _check_args(input, running_mean, running_var, weight, bias, training, eps)
     if momentum is None and num_batches_tracked is None:
         momentum = 0.0
+    if _traced():
+        stats, apply = torch.ops.tritonbn.batch_norm_stats, torch.ops.tritonbn.batch_norm_apply
+    else:  # plain eager: same implementations, less host time per call
+        stats, apply = _ops.stats_impl, _ops.EagerApply.apply
     if training:
         # detach: the gradient through the statistics is in batch_norm_apply's backward.
-        mean, stat = torch.ops.tritonbn.batch_norm_stats(
-            input.detach(), running_mean, running_var,
-            num_batches_tracked if momentum is None else None, momentum, eps)
+        mean, stat = stats(input.detach(), running_mean, running_var,
+                           num_batches_tracked if momentum is None else None, momentum, eps)
     else:
         mean, stat = running_mean, running_var
-    return torch.ops.tritonbn.batch_norm_apply(input, weight, bias, mean, stat, training, eps)
+    return apply(input, weight, bias, mean, stat, training, eps)
+
+
+def _traced() -> bool:
+    """Under torch.compile / torch.export, or a dispatch mode (FakeTensor, ...): the custom
+    ops must be used, so that tracing sees opaque nodes with fake implementations."""
+    return torch.compiler.is_compiling() or _get_dispatch_mode() is not None
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -96,16 +96,32 @@ def _ref_stats(x):
     return mean, var
 
 
+class _Checked:
+    """A RAW kernel that asserts each launch really uses the forced config's tile."""
+
+    def __init__(self, kernel, cfg):
+        self.kernel, self.cfg = kernel, cfg
+
+    def __getitem__(self, grid):
+        def launch_checked(*args, **kwargs):
+            for k in ("BLOCK_O", "BLOCK_I", "BLOCK_C"):
+                assert kwargs[k] == self.cfg.kwargs[k], (k, kwargs[k], self.cfg)
+            assert kwargs["num_warps"] == self.cfg.num_warps
+            return self.kernel[grid](*args, **kwargs)
+        return launch_checked
+
+
 @pytest.fixture
 def forced_config(monkeypatch):
     """force(cfg): route every launch through the fixed-config path with ``cfg``.
 
-    The partials workspace is sized from default_config and that sizing is cached per
-    shape (launch._max_splits): the cache is cleared whenever the forced config changes,
-    and afterwards, so that no stale size outlives the test (a too-small workspace would
-    be written out of bounds)."""
+    Launch plans and the partials workspace size are built from default_config and cached
+    per shape (launch._plan, launch._max_splits): the caches are cleared whenever the forced
+    config changes, and afterwards, so that neither a stale config nor a stale size (a
+    too-small workspace would be written out of bounds) outlives the test."""
     monkeypatch.setenv("TRITONBN_AUTOTUNE", "0")
-    clear = getattr(launch._max_splits, "cache_clear", lambda: None)
+    clear = launch.clear_caches
+    real_kernels = dict(launch.RAW)
 
     def force(cfg):
         kw = dict(cfg.kwargs)
@@ -113,6 +129,8 @@ def forced_config(monkeypatch):
         monkeypatch.setattr(configs, "default_config",
                             lambda *a, **k: dict(kw, num_warps=cfg.num_warps,
                                                  num_stages=cfg.num_stages))
+        for name, kernel in real_kernels.items():
+            monkeypatch.setitem(launch.RAW, name, _Checked(kernel, cfg))
         clear()
 
     yield force
@@ -339,6 +357,7 @@ def test_autotune_off_uses_default_config(device, monkeypatch, fresh_tuners):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(configs, "default_config", spy)
+    launch.clear_caches()  # a cached launch plan would not ask default_config again
     x = torch.randn(2, 8, 6, 6, device=device)
     bn = tritonbn.BatchNorm2d(8).to(device)
     ref = torch.nn.BatchNorm2d(8).to(device)

@@ -46,7 +46,8 @@ def kernel_configs(reduction: bool) -> list[triton.Config]:
 
 
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """Smallest power of two >= n (plain Python: triton.next_power_of_2 is a slow call)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 def _min_contig_block(n: int) -> int:

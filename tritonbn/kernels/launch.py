@@ -34,22 +34,25 @@ def _sm_count(device: torch.device) -> int:
     return 2  # interpreter: programs run one by one; a few still exercise the split path
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _num_tiles(geom: Geometry, meta: dict) -> int:
-    return (triton.cdiv(geom.outer_size, meta["BLOCK_O"])
-            * triton.cdiv(geom.inner_size, meta["BLOCK_I"]))
+    return _cdiv(geom.outer_size, meta["BLOCK_O"]) * _cdiv(geom.inner_size, meta["BLOCK_I"])
 
 
 def reduction_grid(geom: Geometry, meta: dict, device: torch.device) -> tuple[int, int]:
     """(channel blocks, splits): about WAVES programs per SM, no empty split."""
-    c_blocks = triton.cdiv(geom.channels, meta["BLOCK_C"])
+    c_blocks = _cdiv(geom.channels, meta["BLOCK_C"])
     tiles = _num_tiles(geom, meta)
     target = meta["WAVES"] * _sm_count(device)
-    splits = min(tiles, C_.MAX_SPLITS, max(1, triton.cdiv(target, c_blocks)))
-    return c_blocks, triton.cdiv(tiles, triton.cdiv(tiles, splits))
+    splits = min(tiles, C_.MAX_SPLITS, max(1, _cdiv(target, c_blocks)))
+    return c_blocks, _cdiv(tiles, _cdiv(tiles, splits))
 
 
 def apply_grid(geom: Geometry, meta: dict) -> tuple[int]:
-    return (_num_tiles(geom, meta) * triton.cdiv(geom.channels, meta["BLOCK_C"]),)
+    return (_num_tiles(geom, meta) * _cdiv(geom.channels, meta["BLOCK_C"]),)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -110,16 +113,36 @@ def chosen_configs() -> dict[str, dict[tuple, dict]]:
             for name, tuner in TUNED.items()}
 
 
-def _launch(name: str, grid, geom: Geometry, elem_size: int, args: tuple, flags: dict):
-    keys = dict(KEY_M=triton.next_power_of_2(geom.reduction_size),
-                KEY_C=triton.next_power_of_2(geom.channels))
-    if autotune_enabled():
-        TUNED[name][grid](*args, **keys, **flags)
-    else:
-        cfg = C_.default_config(geom, elem_size, INTERPRETED)
-        if name == "bn_apply_kernel":
-            cfg.pop("WAVES")
-        RAW[name][grid](*args, **keys, **flags, **cfg)
+@functools.lru_cache(maxsize=4096)
+def _plan(name: str, geom: Geometry, device: torch.device, elem_size: int, tuned: bool):
+    """Everything about a launch that depends on shapes only, computed once per shape:
+    (kernel, grid, keyword arguments). The grid is a function of the config when tuned."""
+    kwargs = dict(KEY_M=C_._pow2(geom.reduction_size), KEY_C=C_._pow2(geom.channels),
+                  CONTIG=geom.contig, INT64=geom.needs_int64, VEC=geom.vec(elem_size))
+    reduction = name != "bn_apply_kernel"
+
+    def grid(meta):
+        return reduction_grid(geom, meta, device) if reduction else apply_grid(geom, meta)
+
+    if tuned:
+        return TUNED[name], grid, kwargs
+    cfg = C_.default_config(geom, elem_size, INTERPRETED)
+    if not reduction:
+        cfg.pop("WAVES")
+    return RAW[name], grid(cfg), {**kwargs, **cfg}
+
+
+def clear_caches() -> None:
+    """Forget per-shape launch plans and workspace sizes: needed after changing what they
+    were built from (configs.default_config, the RAW / TUNED kernels), e.g. in tests."""
+    _plan.cache_clear()
+    _max_splits.cache_clear()
+
+
+def _launch(name: str, geom: Geometry, device: torch.device, elem_size: int, args: tuple,
+            flags: dict):
+    kernel, grid, kwargs = _plan(name, geom, device, elem_size, autotune_enabled())
+    kernel[grid](*args, **kwargs, **flags)
 
 
 class _Counters:
@@ -176,10 +199,8 @@ def launch_stats(x, geom, running_mean, running_var, num_batches_tracked, moment
             num_batches_tracked if cumulative else dummy,
             0.0 if momentum is None else float(momentum), float(eps),
             *geom.sizes)
-    _launch("bn_stats_kernel", lambda m: reduction_grid(geom, m, device), geom,
-            x.element_size(), args + tuple(geom.strides[0]),
-            dict(CONTIG=geom.contig, INT64=geom.needs_int64, VEC=geom.vec(x.element_size()), UPDATE_RUNNING=update,
-                 CUMULATIVE=cumulative))
+    _launch("bn_stats_kernel", geom, device, x.element_size(), args + geom.strides[0],
+            dict(UPDATE_RUNNING=update, CUMULATIVE=cumulative))
     if run_mean is not running_mean:
         running_mean.copy_(run_mean)
     if run_var is not running_var:
@@ -195,11 +216,10 @@ def launch_apply(x, dy, out, mean, stat, weight, bias, coef, eps, *, stat_is_var
     args = (x, dy if backward else dummy, out, _vec(mean), _vec(stat),
             dummy if weight is None else _vec(weight), dummy if bias is None else _vec(bias),
             dummy if coef is None else coef, float(eps), *geom.sizes)
-    _launch("bn_apply_kernel", lambda m: apply_grid(geom, m), geom, x.element_size(),
-            args + tuple(strides[0]) + tuple(strides[1]) + tuple(strides[2]),
-            dict(CONTIG=geom.contig, INT64=geom.needs_int64, VEC=geom.vec(x.element_size()), STAT_IS_VAR=stat_is_var,
-                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                 BACKWARD=backward, BATCH_STATS=coef is not None))
+    _launch("bn_apply_kernel", geom, x.device, x.element_size(),
+            args + strides[0] + strides[1] + strides[2],
+            dict(STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
+                 HAS_BIAS=bias is not None, BACKWARD=backward, BATCH_STATS=coef is not None))
     return out
 
 
@@ -217,9 +237,8 @@ def launch_grad_stats(x, dy, mean, stat, eps, *, stat_is_var, grad_weight, grad_
             dummy if grad_bias is None else grad_bias,
             dummy if coef is None else coef,
             float(eps), 1.0 / geom.reduction_size, *geom.sizes)
-    _launch("bn_grad_stats_kernel", lambda m: reduction_grid(geom, m, device), geom,
-            x.element_size(), args + tuple(geom.strides[0]) + tuple(geom.strides[1]),
-            dict(CONTIG=geom.contig, INT64=geom.needs_int64, VEC=geom.vec(x.element_size()), STAT_IS_VAR=stat_is_var,
-                 HAS_GRAD_WEIGHT=grad_weight is not None, HAS_GRAD_BIAS=grad_bias is not None,
-                 WRITE_COEF=want_coef))
+    _launch("bn_grad_stats_kernel", geom, device, x.element_size(),
+            args + geom.strides[0] + geom.strides[1],
+            dict(STAT_IS_VAR=stat_is_var, HAS_GRAD_WEIGHT=grad_weight is not None,
+                 HAS_GRAD_BIAS=grad_bias is not None, WRITE_COEF=want_coef))
     return coef

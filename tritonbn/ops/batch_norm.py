@@ -38,10 +38,7 @@ _TAGS = ({"tags": (torch.Tag.flexible_layout,)}
          and "tags" in inspect.signature(torch.library.custom_op).parameters else {})
 
 
-@torch.library.custom_op(
-    "tritonbn::batch_norm_stats", mutates_args=("running_mean", "running_var"), **_TAGS
-)
-def batch_norm_stats(
+def stats_impl(
     input: Tensor,
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
@@ -61,14 +58,18 @@ def batch_norm_stats(
                         num_batches_tracked, momentum, eps)
 
 
+batch_norm_stats = torch.library.custom_op(
+    "tritonbn::batch_norm_stats", mutates_args=("running_mean", "running_var"), **_TAGS
+)(stats_impl)
+
+
 @batch_norm_stats.register_fake
 def _(input, running_mean, running_var, num_batches_tracked, momentum, eps):
     C = input.shape[1]
     return input.new_empty(C, dtype=torch.float32), input.new_empty(C, dtype=torch.float32)
 
 
-@torch.library.custom_op("tritonbn::batch_norm_apply", mutates_args=(), **_TAGS)
-def batch_norm_apply(
+def apply_impl(
     input: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
@@ -89,13 +90,16 @@ def batch_norm_apply(
                         stat_is_var=not batch_stats, backward=False)
 
 
+batch_norm_apply = torch.library.custom_op(
+    "tritonbn::batch_norm_apply", mutates_args=(), **_TAGS)(apply_impl)
+
+
 @batch_norm_apply.register_fake
 def _(input, weight, bias, mean, stat, batch_stats, eps):
     return torch.empty_like(input)
 
 
-@torch.library.custom_op("tritonbn::batch_norm_backward", mutates_args=(), **_TAGS)
-def batch_norm_backward(
+def backward_impl(
     grad_output: Tensor,
     input: Tensor,
     weight: Optional[Tensor],
@@ -132,6 +136,10 @@ def batch_norm_backward(
     return grad_input, grad_weight, grad_bias
 
 
+batch_norm_backward = torch.library.custom_op(
+    "tritonbn::batch_norm_backward", mutates_args=(), **_TAGS)(backward_impl)
+
+
 @batch_norm_backward.register_fake
 def _(grad_output, input, weight, mean, stat, batch_stats, eps, grad_input_mask):
     want_input, want_weight, want_bias = grad_input_mask
@@ -151,14 +159,34 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad_output):
+def _backward(ctx, grad_output, backward_fn=None):
     input, weight, mean, stat = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2]]
-    grad_input, grad_weight, grad_bias = torch.ops.tritonbn.batch_norm_backward(
+    backward_fn = backward_fn or torch.ops.tritonbn.batch_norm_backward
+    grad_input, grad_weight, grad_bias = backward_fn(
         grad_output, input, weight, mean, stat, ctx.batch_stats, ctx.eps, mask)
     return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
             grad_bias if mask[2] else None, None, None, None, None)
 
 
 batch_norm_apply.register_autograd(_backward, setup_context=_setup_context)
+
+
+class EagerApply(torch.autograd.Function):
+    """batch_norm_apply with its autograd formula, calling the implementations directly.
+
+    The custom ops are what torch.compile and torch.export see; in plain eager execution
+    their dispatcher round trips (schema defaults, autograd wrapper, one redispatch per
+    key) cost more host time than the kernels' launches. Same implementations, same
+    saved tensors, same backward as the custom op."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, mean, stat, batch_stats, eps):
+        output = apply_impl(input, weight, bias, mean, stat, batch_stats, eps)
+        _setup_context(ctx, (input, weight, bias, mean, stat, batch_stats, eps), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _backward(ctx, grad_output, backward_impl)
