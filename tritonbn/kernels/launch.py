@@ -73,10 +73,15 @@ def _prune(configs, named_args, **kwargs):
             if C_.config_fits(c.kwargs, outer, inner, chans, kwargs["CONTIG"], target)]
     if kept:
         return kept
-    # Tiny problem: nothing fits; take the smallest tiles that do not exceed it.
+    # Tiny problem, nothing fits: the smallest-volume tile that wastes the fewest lanes.
+    def padded(c):
+        k = c.kwargs
+        return (_cdiv(outer, k["BLOCK_O"]) * k["BLOCK_O"] * _cdiv(inner, k["BLOCK_I"])
+                * k["BLOCK_I"] * _cdiv(chans, k["BLOCK_C"]) * k["BLOCK_C"])
+
     small = [c for c in configs if c.kwargs["BLOCK_O"] * c.kwargs["BLOCK_I"]
              * c.kwargs["BLOCK_C"] == min(C_.VOLUME_WARPS)]
-    return small[:1] or configs[:1]
+    return [min(small or configs, key=padded)]
 
 
 def _cpu_bench(kernel_call, quantiles=None):
