@@ -99,6 +99,17 @@ def _(input, weight, bias, mean, stat, batch_stats, eps):
     return torch.empty_like(input)
 
 
+def _grad_buffers(input: Tensor, weight: Optional[Tensor], grad_input_mask: list[bool]):
+    """Uninitialised (grad_input, grad_weight, grad_bias), each empty where its mask is
+    False: shared by the implementation and the fake, so their metadata cannot drift."""
+    want_input, want_weight, want_bias = grad_input_mask
+    dtype = weight.dtype if weight is not None else input.dtype
+    # A separate empty tensor per absent output: custom-op outputs may not alias.
+    return (torch.empty_like(input) if want_input else input.new_empty(0),
+            torch.empty_like(weight) if want_weight else input.new_empty(0),
+            input.new_empty(input.shape[1], dtype=dtype) if want_bias else input.new_empty(0))
+
+
 def backward_impl(
     grad_output: Tensor,
     input: Tensor,
@@ -114,11 +125,7 @@ def backward_impl(
     ``batch_stats``: mean/stat are the saved batch mean/invstd (training). Otherwise they
     are running_mean/running_var (eval), and invstd = 1/sqrt(running_var + eps)."""
     want_input, want_weight, want_bias = grad_input_mask
-    C = input.shape[1]
-    grad_input = torch.empty_like(input) if want_input else input.new_empty(0)
-    grad_weight = (torch.empty_like(weight) if want_weight else input.new_empty(0))
-    grad_bias = (torch.empty(C, dtype=weight.dtype if weight is not None else input.dtype,
-                             device=input.device) if want_bias else input.new_empty(0))
+    grad_input, grad_weight, grad_bias = _grad_buffers(input, weight, grad_input_mask)
     if input.numel() == 0:
         grad_weight.zero_()
         grad_bias.zero_()
@@ -142,13 +149,7 @@ batch_norm_backward = torch.library.custom_op(
 
 @batch_norm_backward.register_fake
 def _(grad_output, input, weight, mean, stat, batch_stats, eps, grad_input_mask):
-    want_input, want_weight, want_bias = grad_input_mask
-    C = input.shape[1]
-    grad_input = torch.empty_like(input) if want_input else input.new_empty(0)
-    grad_weight = torch.empty_like(weight) if want_weight else input.new_empty(0)
-    dtype = weight.dtype if weight is not None else input.dtype
-    grad_bias = input.new_empty(C, dtype=dtype) if want_bias else input.new_empty(0)
-    return grad_input, grad_weight, grad_bias
+    return _grad_buffers(input, weight, grad_input_mask)
 
 
 def _setup_context(ctx, inputs, output):
