@@ -31,6 +31,18 @@ def load_channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, STAT_IS_VAR: tl.const
     return mean, stat
 
 
+@triton.jit
+def store_grad_params(grad_weight_ptr, grad_bias_ptr, c, c_mask, sum_dy, sum_dy_xmu, invstd,
+                      HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr):
+    """grad_weight = invstd * sum(dy * (x - mean)), grad_bias = sum(dy), in their dtypes."""
+    if HAS_GRAD_WEIGHT:
+        gw = grad_weight_ptr + c
+        tl.store(gw, (sum_dy_xmu * invstd).to(gw.dtype.element_ty), mask=c_mask)
+    if HAS_GRAD_BIAS:
+        gb = grad_bias_ptr + c
+        tl.store(gb, sum_dy.to(gb.dtype.element_ty), mask=c_mask)
+
+
 @triton.jit(do_not_specialize=["KEY_M", "KEY_C"])
 def bn_grad_stats_kernel(
     x_ptr,            # input [O0, O1, O2, I, C] through strides sx*
@@ -92,12 +104,8 @@ def bn_grad_stats_kernel(
             ps = partial_ptr + s[:, None] * C + c[None, :]
             dbeta += tl.sum(tl.load(ps, mask=m, other=0.0, cache_modifier=".cg"), 0)
             dot += tl.sum(tl.load(ps + stride_part, mask=m, other=0.0, cache_modifier=".cg"), 0)
-        if HAS_GRAD_WEIGHT:
-            gw = grad_weight_ptr + c
-            tl.store(gw, (dot * invstd_c).to(gw.dtype.element_ty), mask=c_mask)
-        if HAS_GRAD_BIAS:
-            gb = grad_bias_ptr + c
-            tl.store(gb, dbeta.to(gb.dtype.element_ty), mask=c_mask)
+        store_grad_params(grad_weight_ptr, grad_bias_ptr, c, c_mask, dbeta, dot, invstd_c,
+                          HAS_GRAD_WEIGHT, HAS_GRAD_BIAS)
         if WRITE_COEF:
             tl.store(coef_ptr + c, dbeta * inv_m, mask=c_mask)
             tl.store(coef_ptr + C + c, dot * inv_m * invstd_c * invstd_c, mask=c_mask)

@@ -29,6 +29,37 @@ def _fold_lanes(count, mean, m2, axis: tl.constexpr):
     return n, mu, q
 
 
+@triton.jit
+def channel_shift(x_ptr, c, c_mask, sxc, CONTIG: tl.constexpr, INT64: tl.constexpr):
+    """x[0, c, 0, ...] in fp32: the per-channel shift K subtracted before accumulating, so
+    sums describe x - K, whose magnitude is that of the spread, not of the mean. At mean
+    1e4 / std 1 the fp32 mean itself carries ~5e-4 of rounding, which unshifted updates
+    feed straight into the variance (and a tree sum of raw values into the mean)."""
+    first = c.to(tl.int64) * sxc if INT64 else c * sxc
+    if CONTIG == 2:
+        first = c
+    return tl.load(x_ptr + first, mask=c_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def update_running_stats(run_mean_ptr, run_var_ptr, nbt_ptr, c, c_mask, mean, var, n,
+                         momentum, CUMULATIVE: tl.constexpr):
+    """running <- (1 - f) * running + f * batch value, in the buffers' own dtype, with the
+    unbiased variance var * n / (n - 1) (n > 1 in training). f = momentum, or
+    1 / num_batches_tracked read on the device (CUMULATIVE, momentum=None)."""
+    if CUMULATIVE:
+        f = 1.0 / tl.load(nbt_ptr).to(tl.float32)
+    else:
+        f = momentum
+    rm = tl.load(run_mean_ptr + c, mask=c_mask, other=0.0)
+    rv = tl.load(run_var_ptr + c, mask=c_mask, other=0.0)
+    unbiased = var * n / tl.maximum(n - 1.0, 1.0)
+    new_rm = f * mean + (1.0 - f) * rm.to(tl.float32)
+    new_rv = f * unbiased + (1.0 - f) * rv.to(tl.float32)
+    tl.store(run_mean_ptr + c, new_rm.to(rm.dtype), mask=c_mask)
+    tl.store(run_var_ptr + c, new_rv.to(rv.dtype), mask=c_mask)
+
+
 @triton.jit(do_not_specialize=["KEY_M", "KEY_C"])
 def bn_stats_kernel(
     x_ptr,            # input: [O0, O1, O2, I, C] through strides sx*
@@ -55,16 +86,10 @@ def bn_stats_kernel(
     num_tiles = tl.cdiv(O, BLOCK_O) * tl.cdiv(I, BLOCK_I)
     begin, end = split_range(num_tiles, split, num_splits)
 
-    # Shifted data: every program subtracts the same per-channel value K (the channel's first
-    # element) before accumulating, so the Welford states describe x - K, whose magnitude is
-    # that of the spread, not of the mean. At mean 1e4 / std 1 an fp32 mean carries ~5e-4
-    # of rounding, which unshifted per-lane updates feed straight into M2.
+    # Shifted data: every program subtracts the same per-channel value K (channel_shift).
     c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    first = c.to(tl.int64) * sxc if INT64 else c * sxc  # offset of x[0, c, 0, ...]
-    if CONTIG == 2:
-        first = c
-    shift = tl.load(x_ptr + first, mask=c_mask, other=0.0).to(tl.float32)
+    shift = channel_shift(x_ptr, c, c_mask, sxc, CONTIG, INT64)
     shift_3d = shift[None, None, :]
 
     count = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
@@ -117,14 +142,5 @@ def bn_stats_kernel(
         tl.store(mean_ptr + c, mu_acc, mask=c_mask)
         tl.store(invstd_ptr + c, invstd, mask=c_mask)
         if UPDATE_RUNNING:
-            if CUMULATIVE:
-                f = 1.0 / tl.load(nbt_ptr).to(tl.float32)
-            else:
-                f = momentum
-            rm = tl.load(run_mean_ptr + c, mask=c_mask, other=0.0)
-            rv = tl.load(run_var_ptr + c, mask=c_mask, other=0.0)
-            unbiased = var * n_acc / tl.maximum(n_acc - 1.0, 1.0)  # M > 1 in training
-            new_rm = f * mu_acc + (1.0 - f) * rm.to(tl.float32)
-            new_rv = f * unbiased + (1.0 - f) * rv.to(tl.float32)
-            tl.store(run_mean_ptr + c, new_rm.to(rm.dtype), mask=c_mask)
-            tl.store(run_var_ptr + c, new_rv.to(rv.dtype), mask=c_mask)
+            update_running_stats(run_mean_ptr, run_var_ptr, nbt_ptr, c, c_mask, mu_acc, var,
+                                 n_acc, momentum, CUMULATIVE)
