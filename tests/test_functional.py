@@ -17,6 +17,9 @@ import tritonbn
 from tests.reference import (DEVICE, KERNEL_DTYPES, LAYOUTS, LOW_PRECISION, Call,
                              check_call, make_params, make_tensor, memory_format_of)
 
+# Every test in this file runs on both kernel paths (conftest.kernel_path).
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 SHAPE_4D = (3, 5, 6, 7)  # 630 values: odd sizes everywhere, M = 126 per channel
 
 
@@ -260,38 +263,54 @@ def launches(monkeypatch):
 
 
 STATS, APPLY, GRAD_STATS = "bn_stats_kernel", "bn_apply_kernel", "bn_grad_stats_kernel"
+FUSED = "bn_fused_kernel"
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d)[6:])
-def test_kernel_launches_per_phase(launches, dtype):
+def test_kernel_launches_per_phase(launches, dtype, kernel_path):
+    """M = 40 values per channel: the single-pass kernel takes every phase in one launch
+    when allowed; the split path needs two per phase (one for eval forward)."""
+    single = kernel_path == "single_pass"
     x = make_tensor((2, 3, 4, 5), dtype).requires_grad_()
     w, b, rm, rv = (t.requires_grad_(i < 2) for i, t in enumerate(make_params(3)))
     assert tritonbn.runs_on_triton(x)
 
     y = tritonbn.batch_norm(x, rm, rv, w, b, True)
-    assert launches == {STATS: 1, APPLY: 1}, "training forward = stats + apply"
+    assert launches == ({FUSED: 1} if single else {STATS: 1, APPLY: 1}), "training forward"
     launches.clear()
     y.sum().backward()
-    assert launches == {GRAD_STATS: 1, APPLY: 1}, "training backward = grad stats + apply"
+    assert launches == ({FUSED: 1} if single else {GRAD_STATS: 1, APPLY: 1}), \
+        "training backward"
     launches.clear()
 
     y = tritonbn.batch_norm(x, rm, rv, w, b, False)
-    assert launches == {APPLY: 1}, "eval forward = apply"
+    assert launches == {APPLY: 1}, "eval forward = apply, on both paths"
     launches.clear()
     y.sum().backward()
-    assert launches == {GRAD_STATS: 1, APPLY: 1}, "eval backward with weight grads"
+    assert launches == ({FUSED: 1} if single else {GRAD_STATS: 1, APPLY: 1}), \
+        "eval backward with weight grads"
     launches.clear()
 
     y = tritonbn.batch_norm(x, rm, rv, w.detach(), b.detach(), False)
     launches.clear()
     y.sum().backward()
-    assert launches == {APPLY: 1}, "eval backward, grad_input only: no reduction needed"
+    assert launches == ({FUSED: 1} if single else {APPLY: 1}), \
+        "eval backward, grad_input only: one elementwise pass, no reduction"
 
 
-def test_module_runs_kernels(launches):
+def test_single_pass_only_where_it_fits(launches, kernel_path):
+    """M = 3 * 64 * 64 = 12288 values per channel do not fit one register tile: split path
+    on both settings."""
+    x = make_tensor((3, 2, 64, 64)).requires_grad_()
+    tritonbn.batch_norm(x, None, None, None, None, True).sum().backward()
+    assert launches == {STATS: 1, APPLY: 2, GRAD_STATS: 1}
+
+
+def test_module_runs_kernels(launches, kernel_path):
     m = tritonbn.BatchNorm2d(3).to(DEVICE)
     m(make_tensor((2, 3, 4, 5)).requires_grad_()).sum().backward()
-    assert launches == {STATS: 1, APPLY: 2, GRAD_STATS: 1}
+    expected = {FUSED: 2} if kernel_path == "single_pass" else {STATS: 1, APPLY: 2, GRAD_STATS: 1}
+    assert launches == expected
     launches.clear()
     m.eval()
     m(make_tensor((2, 3, 4, 5)))

@@ -22,6 +22,9 @@ from tests.reference import (DEVICE, Call, assert_close_to_reference,
                              assert_not_worse_than_torch, check_layout, make_tensor,
                              reference_scales)
 
+# Every test in this file runs on both kernel paths (conftest.kernel_path).
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 # torch >= 2.? has BatchNorm(..., bias=False); the GPU image may carry an older torch.
 HAS_BIAS_KWARG = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
 TORCH_CLASSES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}

@@ -8,6 +8,9 @@ import torch
 import tritonbn
 from tests.reference import Call, check_call, make_params, make_tensor
 
+# Every test in this file runs on both kernel paths (conftest.kernel_path).
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 
 @pytest.mark.parametrize("shape,layout", [
     ((16, 2, 64, 64), "contiguous"),    # 2^16 values per channel, unit-stride spatial axis

@@ -17,6 +17,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+# Every test in this file runs on both kernel paths (conftest.kernel_path).
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 SIZES = st.sampled_from([1, 1, 2, 3, 5, 7, 13])
 MAX_NUMEL = 3000  # the interpreter runs ~1e4 values per second per kernel
 

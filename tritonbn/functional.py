@@ -73,17 +73,18 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     _check_args(input, running_mean, running_var, weight, bias, training, eps)
     if momentum is None and num_batches_tracked is None:
         momentum = 0.0
-    if _traced():
-        stats, apply = torch.ops.tritonbn.batch_norm_stats, torch.ops.tritonbn.batch_norm_apply
-    else:  # plain eager: same implementations, less host time per call
-        stats, apply = _ops.stats_impl, _ops.EagerApply.apply
+    nbt = num_batches_tracked if momentum is None else None
+    if not _traced():  # plain eager: same implementations, less host time per call
+        if training:
+            return _ops.EagerTrain.apply(input, weight, bias, running_mean, running_var, nbt,
+                                         momentum, eps)
+        return _ops.EagerApply.apply(input, weight, bias, running_mean, running_var, False, eps)
+    mean, stat = running_mean, running_var
     if training:
         # detach: the gradient through the statistics is in batch_norm_apply's backward.
-        mean, stat = stats(input.detach(), running_mean, running_var,
-                           num_batches_tracked if momentum is None else None, momentum, eps)
-    else:
-        mean, stat = running_mean, running_var
-    return apply(input, weight, bias, mean, stat, training, eps)
+        mean, stat = torch.ops.tritonbn.batch_norm_stats(input.detach(), running_mean,
+                                                         running_var, nbt, momentum, eps)
+    return torch.ops.tritonbn.batch_norm_apply(input, weight, bias, mean, stat, training, eps)
 
 
 def _traced() -> bool:

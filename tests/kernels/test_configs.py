@@ -28,7 +28,8 @@ LAYOUTS = ("nchw", "channels_last")
 def _name(cfg) -> str:
     """Test id of a triton.Config."""
     kw = cfg.kwargs
-    s = f"O{kw['BLOCK_O']}_I{kw['BLOCK_I']}_C{kw['BLOCK_C']}"
+    s = f"C{kw['BLOCK_C']}" if "BLOCK_O" not in kw else \
+        f"O{kw['BLOCK_O']}_I{kw['BLOCK_I']}_C{kw['BLOCK_C']}"
     if "WAVES" in kw:
         s += f"_W{kw['WAVES']}"
     return f"{s}_w{cfg.num_warps}"
@@ -36,6 +37,7 @@ def _name(cfg) -> str:
 
 REDUCTION_CONFIGS = configs.kernel_configs(True)
 APPLY_CONFIGS = configs.kernel_configs(False)
+FUSED_CONFIGS = configs.fused_kernel_configs()
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -104,7 +106,7 @@ class _Checked:
 
     def __getitem__(self, grid):
         def launch_checked(*args, **kwargs):
-            for k in ("BLOCK_O", "BLOCK_I", "BLOCK_C"):
+            for k in self.cfg.kwargs.keys() & {"BLOCK_O", "BLOCK_I", "BLOCK_C"}:
                 assert kwargs[k] == self.cfg.kwargs[k], (k, kwargs[k], self.cfg)
             assert kwargs["num_warps"] == self.cfg.num_warps
             return self.kernel[grid](*args, **kwargs)
@@ -125,10 +127,13 @@ def forced_config(monkeypatch):
 
     def force(cfg):
         kw = dict(cfg.kwargs)
-        kw.setdefault("WAVES", 4)  # the launcher pops it for the apply kernel
-        monkeypatch.setattr(configs, "default_config",
-                            lambda *a, **k: dict(kw, num_warps=cfg.num_warps,
-                                                 num_stages=cfg.num_stages))
+        warps = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if "BLOCK_O" in kw:  # split-path kernels
+            kw.setdefault("WAVES", 4)  # the launcher pops it for the apply kernel
+            monkeypatch.setattr(configs, "default_config", lambda *a, **k: dict(kw, **warps))
+        else:  # the single-pass kernel
+            monkeypatch.setattr(configs, "fused_default_config",
+                                lambda *a, **k: dict(kw, **warps))
         for name, kernel in real_kernels.items():
             monkeypatch.setitem(launch.RAW, name, _Checked(kernel, cfg))
         clear()
@@ -239,13 +244,83 @@ def test_apply_every_config(cfg, mode, device, forced_config):
         _close(out, ref, mag)
 
 
+def _fused_shape(cfg, layout: str) -> tuple[int, int, int, int]:
+    """A small (N, C, H, W) input whose whole reduction fits one tile of this BLOCK_C (at
+    most FUSED_MAX_VOLUME elements), with 2 channel blocks (the second one partly masked
+    when BLOCK_C > 1) and masked tails along outer and inner."""
+    bc = cfg.kwargs["BLOCK_C"]
+    if layout == "nchw":  # outer N = 3 -> 4, inner H*W = 35 -> 64, or 15 -> 16
+        return (3, bc + 1, 5, 7) if 4 * 64 * bc <= configs.FUSED_MAX_VOLUME else (3, bc + 1, 3, 5)
+    return (3, bc + 1, 3, 3) if 32 * bc <= configs.FUSED_MAX_VOLUME else (2, bc + 1, 1, 3)
+
+
+@pytest.mark.parametrize("cfg", FUSED_CONFIGS, ids=_name)
+def test_fused_every_config(cfg, device, forced_config):
+    """The single-pass kernel with each config: training forward (statistics, running
+    statistics, output) and backward in training and eval mode, against float64."""
+    forced_config(cfg)
+    for layout in LAYOUTS:
+        x = _input(_fused_shape(cfg, layout), layout, device)
+        dy = _input(x.shape, layout, device, scale=1.0, offset=0.5)
+        C = x.shape[1]
+        M = x.numel() // C
+        assert configs.fused_fits(make_geometry(x))
+        w = torch.randn(C, device=device)
+        b = torch.randn(C, device=device)
+        rm0 = torch.randn(C, device=device)
+        rv0 = torch.rand(C, device=device) + 0.5
+        rm, rv = rm0.clone(), rv0.clone()
+        y = torch.empty_like(x)
+        mean, invstd = launch.launch_fused_forward(x, y, w, b, rm, rv, None, MOMENTUM, EPS)
+        ref_mean, ref_var = _ref_stats(x)
+        ref_invstd = 1 / torch.sqrt(ref_var + EPS)
+        mag = x.double().abs().amax(_dims(x)).cpu()
+        _close(mean, ref_mean, mag)
+        _close(invstd, ref_invstd, 0, rtol=1e-4)
+        _close(rm, (1 - MOMENTUM) * rm0.double() + MOMENTUM * ref_mean, mag)
+        _close(rv, (1 - MOMENTUM) * rv0.double() + MOMENTUM * ref_var * M / (M - 1), 0,
+               rtol=1e-4)
+        xd, dyd, wd = x.double(), dy.double(), _bc(w.double(), x)
+        xhat = (xd - _bc(ref_mean, x)) * _bc(ref_invstd, x)
+        assert y.stride() == x.stride()
+        _close(y, xhat * wd + _bc(b.double(), x), (xhat.abs() + 1) * wd.abs() + 1, rtol=1e-4)
+
+        for batch_stats in (True, False):
+            gx = torch.empty_like(x)
+            gw = torch.empty(C, device=device)
+            gb = torch.empty(C, device=device)
+            if batch_stats:
+                m_in, s_in, inv = mean, invstd, _bc(invstd.double(), x)
+            else:
+                m_in, s_in, inv = rm0, rv0, _bc(1 / torch.sqrt(rv0.double() + EPS), x)
+            launch.launch_fused_backward(x, dy, gx, m_in, s_in, w, EPS,
+                                         stat_is_var=not batch_stats, grad_weight=gw,
+                                         grad_bias=gb)
+            d = _dims(x)
+            xmu = xd - _bc(m_in.double(), x)
+            sum_dy, dot = dyd.sum(d), (dyd * xmu).sum(d)
+            s_dy, s_dot = dyd.abs().sum(d), (dyd * xmu).abs().sum(d)
+            _close(gb, sum_dy, s_dy)
+            _close(gw, dot * inv.flatten(), s_dot * inv.flatten())
+            if batch_stats:
+                k1, k2 = _bc(sum_dy / M, x), _bc(dot / M, x) * inv * inv
+                ref = (dyd - k1 - xmu * k2) * wd * inv
+                mag = (dyd.abs() + k1.abs() + (xmu * k2).abs()) * (wd * inv).abs()
+            else:
+                ref, mag = dyd * wd * inv, (dyd * wd * inv).abs()
+            assert gx.stride() == x.stride()
+            _close(gx, ref, mag, rtol=1e-4)
+
+
 def test_every_config_is_exercised():
     """The parametrised tests above cover the whole tuning space, and it is what the
     autotuners are built with."""
-    assert len(REDUCTION_CONFIGS) == len({_name(c) for c in REDUCTION_CONFIGS})
-    assert len(APPLY_CONFIGS) == len({_name(c) for c in APPLY_CONFIGS})
+    space = {"bn_stats_kernel": REDUCTION_CONFIGS, "bn_grad_stats_kernel": REDUCTION_CONFIGS,
+             "bn_apply_kernel": APPLY_CONFIGS, "bn_fused_kernel": FUSED_CONFIGS}
+    assert set(launch.TUNED) == set(space)
     for name, tuner in launch.TUNED.items():
-        want = REDUCTION_CONFIGS if name != "bn_apply_kernel" else APPLY_CONFIGS
+        want = space[name]
+        assert len(want) == len({_name(c) for c in want})
         assert sorted(map(_name, tuner.configs)) == sorted(map(_name, want))
     for cfg in REDUCTION_CONFIGS:
         assert cfg.kwargs["WAVES"] in configs.WAVES_CHOICES
@@ -269,8 +344,11 @@ def _timings(tuner):
     return getattr(tuner, "configs_timings", None) or {}
 
 
-def test_autotune_runs_and_trials_leave_state_alone(device, monkeypatch, fresh_tuners):
+def test_autotune_runs_and_trials_leave_state_alone(device, monkeypatch, fresh_tuners,
+                                                    kernel_path):
     monkeypatch.setenv("TRITONBN_AUTOTUNE", "1")
+    single = kernel_path == "single_pass"  # M = 512 fits the single-pass kernel
+    forward_kernels = ["bn_fused_kernel"] if single else ["bn_stats_kernel", "bn_apply_kernel"]
     assert tritonbn.autotune_enabled()
     for tuner in fresh_tuners.values():
         monkeypatch.setattr(tuner, "configs_timings", {}, raising=False)
@@ -291,10 +369,9 @@ def test_autotune_runs_and_trials_leave_state_alone(device, monkeypatch, fresh_t
     # First call on a new key: several configs timed, and the running statistics advanced
     # exactly once, as torch's.
     chosen = tritonbn.chosen_configs()
-    assert len(chosen["bn_stats_kernel"]) == 1
-    assert len(chosen["bn_apply_kernel"]) == 1
-    assert len(_timings(fresh_tuners["bn_stats_kernel"])) > 1
-    assert len(_timings(fresh_tuners["bn_apply_kernel"])) > 1
+    for name in forward_kernels:
+        assert len(chosen[name]) == 1
+        assert len(_timings(fresh_tuners[name])) > 1
     torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
     torch.testing.assert_close(bn.running_var, ref_bn.running_var)
     assert int(bn.num_batches_tracked) == 1
@@ -307,11 +384,13 @@ def test_autotune_runs_and_trials_leave_state_alone(device, monkeypatch, fresh_t
     torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
 
-    # Backward: the gradient statistics kernel is tuned too.
+    # Backward: the gradient statistics kernel (or the single-pass kernel on its backward
+    # key) is tuned too.
     dy = torch.randn_like(x)
     y.backward(dy)
-    assert len(tritonbn.chosen_configs()["bn_grad_stats_kernel"]) == 1
-    assert len(_timings(fresh_tuners["bn_grad_stats_kernel"])) > 1
+    backward_kernel = "bn_fused_kernel" if single else "bn_grad_stats_kernel"
+    assert len(tritonbn.chosen_configs()[backward_kernel]) == (2 if single else 1)
+    assert len(_timings(fresh_tuners[backward_kernel])) > 1
     x64 = xd.clone().requires_grad_(True)
     w64, b64 = wd.clone().requires_grad_(True), bd.clone().requires_grad_(True)
     y64 = torch.nn.functional.batch_norm(x64, None, None, w64, b64, True, 0.0, EPS)
@@ -329,34 +408,40 @@ def test_autotune_runs_and_trials_leave_state_alone(device, monkeypatch, fresh_t
     torch.testing.assert_close(bn.running_var, ref_bn.running_var)
 
 
-def test_chosen_configs_lists_kernel_key_and_config(device, monkeypatch, fresh_tuners):
+def test_chosen_configs_lists_kernel_key_and_config(device, monkeypatch, fresh_tuners,
+                                                    kernel_path):
     monkeypatch.setenv("TRITONBN_AUTOTUNE", "1")
     x = torch.randn(4, 8, 8, 8, device=device).contiguous(memory_format=torch.channels_last)
     bn = tritonbn.BatchNorm2d(8).to(device)
     bn(x)
     chosen = tritonbn.chosen_configs()
-    assert set(chosen) == {"bn_stats_kernel", "bn_grad_stats_kernel", "bn_apply_kernel"}
-    assert chosen["bn_grad_stats_kernel"] == {}
-    for name in ("bn_stats_kernel", "bn_apply_kernel"):
+    assert set(chosen) == {"bn_stats_kernel", "bn_grad_stats_kernel", "bn_apply_kernel",
+                           "bn_fused_kernel"}
+    used = (["bn_fused_kernel"] if kernel_path == "single_pass"
+            else ["bn_stats_kernel", "bn_apply_kernel"])
+    assert all(chosen[name] == {} for name in set(chosen) - set(used))
+    for name in used:
         (key, cfg), = chosen[name].items()
         assert isinstance(key, tuple)
         # Key: M and C buckets, the layout, the mode flags (and dtypes).
         assert key[0] == _next_pow2(x.numel() // 8) and key[1] == 8
         assert key[2] == CONTIG_CHANNEL
-        assert {"BLOCK_O", "BLOCK_I", "BLOCK_C", "num_warps", "num_stages"} <= set(cfg)
+        tile = {"BLOCK_C"} if name == "bn_fused_kernel" else {"BLOCK_O", "BLOCK_I", "BLOCK_C"}
+        assert tile | {"num_warps", "num_stages"} <= set(cfg)
 
 
-def test_autotune_off_uses_default_config(device, monkeypatch, fresh_tuners):
+def test_autotune_off_uses_default_config(device, monkeypatch, fresh_tuners, kernel_path):
     monkeypatch.setenv("TRITONBN_AUTOTUNE", "0")
     assert not tritonbn.autotune_enabled()
     calls = []
-    real = configs.default_config
+    default = "fused_default_config" if kernel_path == "single_pass" else "default_config"
+    real = getattr(configs, default)
 
     def spy(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(configs, "default_config", spy)
+    monkeypatch.setattr(configs, default, spy)
     launch.clear_caches()  # a cached launch plan would not ask default_config again
     x = torch.randn(2, 8, 6, 6, device=device)
     bn = tritonbn.BatchNorm2d(8).to(device)
@@ -459,3 +544,43 @@ def test_prune_never_empty(reduction):
     kept = launch._prune(cfgs, dict(O=32, I=3136, C=64, x_ptr=dummy), CONTIG=CONTIG_INNER)
     assert 1 < len(kept) < len(cfgs)
     assert all(c.kwargs["BLOCK_I"] >= configs.MIN_CONTIG_BLOCK for c in kept)
+
+
+@pytest.mark.parametrize("shape,layout,fits", [
+    ((32, 2048, 7, 7), "nchw", True),       # ResNet-50 layer4 at batch 32: 32 x 64 lanes
+    ((32, 256, 14, 14), "nchw", True),      # 32 x 256 = 8192 lanes, the limit
+    ((32, 512, 28, 28), "nchw", False),
+    ((256, 2048, 7, 7), "nchw", False),     # 256 x 64 x 1 > 8192
+    ((32, 2048, 7, 7), "channels_last", False),  # 2048 rows x 16 channels > 8192
+    ((4, 64, 8, 8), "channels_last", True),      # 256 rows x 16 channels
+    ((256, 1024), "nchw", True),            # BatchNorm1d: 256 rows x 16 channels
+    ((7, 3, 5, 5), "channels_last", True),  # short channel axis: BLOCK_C 4 suffices
+])
+def test_fused_fits_prune_and_default(shape, layout, fits):
+    """Which shapes the single-pass kernel takes, and that its pruning and default config
+    follow the rules of configs.fused_config_fits (never an empty candidate list)."""
+    x = torch.empty(shape, device="meta")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    geom = make_geometry(x)
+    assert configs.fused_fits(geom) == fits
+    if not fits:
+        return
+    bo, bi = configs.fused_tile(geom)
+    assert bo >= geom.outer_size and bi >= geom.inner_size
+    lo = 16 if geom.contig == CONTIG_CHANNEL and geom.channels >= 16 else 1
+    if geom.contig == CONTIG_CHANNEL and geom.channels < 16:
+        lo = 4
+    kept = launch._prune_fused(FUSED_CONFIGS, dict(C=geom.channels, x_ptr=torch.empty(0)),
+                               BLOCK_O=bo, BLOCK_I=bi, CONTIG=geom.contig)
+    assert kept
+    for c in kept:
+        bc, volume = c.kwargs["BLOCK_C"], bo * bi * c.kwargs["BLOCK_C"]
+        assert lo <= bc <= max(lo, _next_pow2(geom.channels))
+        assert volume <= configs.FUSED_MAX_VOLUME
+        assert volume // (32 * c.num_warps) in (8, 16) or c.num_warps == 1
+    for target in (4, 264):
+        for interpreted in (False, True):
+            cfg = configs.fused_default_config(geom, target, interpreted)
+            assert configs.fused_config_fits(cfg["BLOCK_C"], cfg["num_warps"], bo, bi,
+                                             geom.channels, geom.contig, target), cfg

@@ -17,7 +17,7 @@ def _train_step(x, dy):
     return y.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var
 
 
-def test_int64_offsets_match_int32(device, monkeypatch):
+def test_int64_offsets_match_int32(device, monkeypatch, kernel_path):
     x = torch.randn(3, 5, 7, 9, device=device).to(memory_format=torch.channels_last)
     dy = torch.randn_like(x)
     as_int32 = _train_step(x, dy)

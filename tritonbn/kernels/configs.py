@@ -107,3 +107,72 @@ def default_config(geom: Geometry, elem_size: int, interpreted: bool) -> dict:
     warps = 8 if bo * bi * bc >= 4096 else 4
     return dict(BLOCK_O=bo, BLOCK_I=bi, BLOCK_C=bc, WAVES=4, num_warps=warps,
                 num_stages=NUM_STAGES)
+
+
+# ----------------------------------------------------------------------- single-pass kernel
+# fused.py holds all M values of BLOCK_C channels in one register tile. Its BLOCK_O and
+# BLOCK_I are not tuned: they are O and I rounded up to powers of two (fused_tile). Tuned:
+# BLOCK_C and num_warps, at 8 or 16 tile elements per thread (the backward keeps x and dy,
+# 2 x 16 fp32 registers per thread at most; perf/kernel_report.py checks for spills).
+FUSED_MAX_VOLUME = 8192
+FUSED_BLOCK_C_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+FUSED_WARPS_CHOICES = (1, 2, 4, 8, 16)
+FUSED_PER_THREAD = (8, 16)
+
+
+def fused_tile(geom: Geometry) -> tuple[int, int]:
+    """(BLOCK_O, BLOCK_I) of the single-pass kernel: the whole outer x inner range."""
+    return _pow2(geom.outer_size), _pow2(geom.inner_size)
+
+
+def _fused_min_block_c(channels: int, contig: int) -> int:
+    """Channels-contiguous layouts need BLOCK_C along the unit-stride axis for 128-bit
+    access (as rule 2 of config_fits); otherwise one channel per program is fine."""
+    return _min_contig_block(channels) if contig == CONTIG_CHANNEL else 1
+
+
+def fused_fits(geom: Geometry) -> bool:
+    """Whether the single-pass kernel can take this shape: the smallest allowed tile holding
+    whole channels fits FUSED_MAX_VOLUME."""
+    bo, bi = fused_tile(geom)
+    return bo * bi * _fused_min_block_c(geom.channels, geom.contig) <= FUSED_MAX_VOLUME
+
+
+def fused_warps_fit(volume: int, warps: int) -> bool:
+    """8 or 16 elements per thread; a tile smaller than 8 per thread of one warp gets one."""
+    per_thread = volume // (32 * warps)
+    return per_thread in FUSED_PER_THREAD or (warps == 1 and per_thread < min(FUSED_PER_THREAD))
+
+
+def fused_kernel_configs() -> list[triton.Config]:
+    return [triton.Config(dict(BLOCK_C=bc), num_warps=w, num_stages=NUM_STAGES)
+            for bc, w in itertools.product(FUSED_BLOCK_C_CHOICES, FUSED_WARPS_CHOICES)]
+
+
+def fused_config_fits(block_c: int, num_warps: int, block_o: int, block_i: int,
+                      channels: int, contig: int, programs_target: int) -> bool:
+    """Pruning for the single-pass kernel: BLOCK_C between the layout's minimum and C rounded
+    up; the tile within FUSED_MAX_VOLUME at 8 or 16 elements per thread; and a block larger
+    than the minimum only while the grid still has ``programs_target`` programs."""
+    lo = _fused_min_block_c(channels, contig)
+    if block_c < lo or block_c > max(lo, _pow2(channels)):
+        return False
+    volume = block_o * block_i * block_c
+    if volume > FUSED_MAX_VOLUME or not fused_warps_fit(volume, num_warps):
+        return False
+    return block_c == lo or -(-channels // block_c) >= programs_target
+
+
+def fused_default_config(geom: Geometry, programs_target: int, interpreted: bool) -> dict:
+    """Fixed config when autotuning is off: the smallest BLOCK_C, doubled while the tile stays
+    within 4096 elements (512 in the interpreter) and the grid keeps ``programs_target``
+    programs; 16 elements per thread."""
+    bo, bi = fused_tile(geom)
+    budget = 512 if interpreted else 4096
+    bc = _fused_min_block_c(geom.channels, geom.contig)
+    while (bo * bi * bc * 2 <= budget and bc * 2 <= _pow2(geom.channels)
+           and -(-geom.channels // (bc * 2)) >= programs_target):
+        bc *= 2
+    volume = bo * bi * bc
+    warps = max(1, min(max(FUSED_WARPS_CHOICES), volume // (32 * max(FUSED_PER_THREAD))))
+    return dict(BLOCK_C=bc, num_warps=warps, num_stages=NUM_STAGES)

@@ -15,6 +15,7 @@ import triton
 
 from . import configs as C_
 from .apply import bn_apply_kernel
+from .fused import bn_fused_kernel
 from .geometry import Geometry, make_geometry
 from .grad_stats import bn_grad_stats_kernel
 from .stats import bn_stats_kernel
@@ -25,6 +26,17 @@ INTERPRETED = type(bn_stats_kernel).__name__ == "InterpretedFunction"
 def autotune_enabled() -> bool:
     """Autotuning is on unless TRITONBN_AUTOTUNE=0 (read at every call)."""
     return os.environ.get("TRITONBN_AUTOTUNE", "1") != "0"
+
+
+def fused_enabled() -> bool:
+    """The single-pass kernel (fused.py) serves the shapes it fits unless TRITONBN_FUSED=0
+    (read at every call): the switch lets the split path be measured on the same shapes."""
+    return os.environ.get("TRITONBN_FUSED", "1") != "0"
+
+
+def use_fused(geom: Geometry) -> bool:
+    """Whether a phase on this geometry runs as one single-pass launch."""
+    return fused_enabled() and C_.fused_fits(geom)
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,6 +65,10 @@ def reduction_grid(geom: Geometry, meta: dict, device: torch.device) -> tuple[in
 
 def apply_grid(geom: Geometry, meta: dict) -> tuple[int]:
     return (_num_tiles(geom, meta) * _cdiv(geom.channels, meta["BLOCK_C"]),)
+
+
+def fused_grid(geom: Geometry, meta: dict) -> tuple[int]:
+    return (_cdiv(geom.channels, meta["BLOCK_C"]),)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -84,6 +100,15 @@ def _prune(configs, named_args, **kwargs):
     return [min(small or configs, key=padded)]
 
 
+def _prune_fused(configs, named_args, **kwargs):
+    """early_config_prune of the single-pass kernel (configs.fused_config_fits)."""
+    target = 2 * _sm_count(named_args["x_ptr"].device)
+    return [c for c in configs
+            if C_.fused_config_fits(c.kwargs["BLOCK_C"], c.num_warps, kwargs["BLOCK_O"],
+                                    kwargs["BLOCK_I"], named_args["C"], kwargs["CONTIG"],
+                                    target)]
+
+
 def _cpu_bench(kernel_call, quantiles=None):
     """Benchmark for the interpreter (no GPU timer): one timed CPU run."""
     start = time.perf_counter()
@@ -92,24 +117,30 @@ def _cpu_bench(kernel_call, quantiles=None):
     return [ms, ms, ms] if quantiles else ms
 
 
-def _autotuned(kernel, reduction: bool, key_flags: list[str], restore: list[str]):
+def _autotuned(kernel, configs, key_flags: list[str], restore: list[str], prune=_prune):
     return triton.autotune(
-        configs=C_.kernel_configs(reduction),
+        configs=configs,
         key=["KEY_M", "KEY_C", "CONTIG", *key_flags],
-        prune_configs_by={"early_config_prune": _prune},
+        prune_configs_by={"early_config_prune": prune},
         restore_value=restore,  # trials must not advance the running statistics
         do_bench=_cpu_bench if INTERPRETED else None,
     )(kernel)
 
 
 TUNED = {
-    "bn_stats_kernel": _autotuned(bn_stats_kernel, True, ["UPDATE_RUNNING"],
+    "bn_stats_kernel": _autotuned(bn_stats_kernel, C_.kernel_configs(True), ["UPDATE_RUNNING"],
                                   ["run_mean_ptr", "run_var_ptr"]),
-    "bn_grad_stats_kernel": _autotuned(bn_grad_stats_kernel, True, ["WRITE_COEF"], []),
-    "bn_apply_kernel": _autotuned(bn_apply_kernel, False, ["BACKWARD", "BATCH_STATS"], []),
+    "bn_grad_stats_kernel": _autotuned(bn_grad_stats_kernel, C_.kernel_configs(True),
+                                       ["WRITE_COEF"], []),
+    "bn_apply_kernel": _autotuned(bn_apply_kernel, C_.kernel_configs(False),
+                                  ["BACKWARD", "BATCH_STATS"], []),
+    "bn_fused_kernel": _autotuned(bn_fused_kernel, C_.fused_kernel_configs(),
+                                  ["BLOCK_O", "BLOCK_I", "BACKWARD", "STAT_IS_VAR",
+                                   "UPDATE_RUNNING", "HAS_GRAD_WEIGHT", "WRITE_OUT"],
+                                  ["run_mean_ptr", "run_var_ptr"], _prune_fused),
 }
 RAW = {"bn_stats_kernel": bn_stats_kernel, "bn_grad_stats_kernel": bn_grad_stats_kernel,
-       "bn_apply_kernel": bn_apply_kernel}
+       "bn_apply_kernel": bn_apply_kernel, "bn_fused_kernel": bn_fused_kernel}
 
 
 def chosen_configs() -> dict[str, dict[tuple, dict]]:
@@ -124,16 +155,26 @@ def _plan(name: str, geom: Geometry, device: torch.device, elem_size: int, tuned
     (kernel, grid, keyword arguments). The grid is a function of the config when tuned."""
     kwargs = dict(KEY_M=C_._pow2(geom.reduction_size), KEY_C=C_._pow2(geom.channels),
                   CONTIG=geom.contig, INT64=geom.needs_int64, VEC=geom.vec(elem_size))
-    reduction = name != "bn_apply_kernel"
+    if name == "bn_fused_kernel":
+        kwargs["BLOCK_O"], kwargs["BLOCK_I"] = C_.fused_tile(geom)
 
-    def grid(meta):
-        return reduction_grid(geom, meta, device) if reduction else apply_grid(geom, meta)
+        def grid(meta):
+            return fused_grid(geom, meta)
+    elif name == "bn_apply_kernel":
+        def grid(meta):
+            return apply_grid(geom, meta)
+    else:
+        def grid(meta):
+            return reduction_grid(geom, meta, device)
 
     if tuned:
         return TUNED[name], grid, kwargs
-    cfg = C_.default_config(geom, elem_size, INTERPRETED)
-    if not reduction:
-        cfg.pop("WAVES")
+    if name == "bn_fused_kernel":
+        cfg = C_.fused_default_config(geom, 2 * _sm_count(device), INTERPRETED)
+    else:
+        cfg = C_.default_config(geom, elem_size, INTERPRETED)
+        if name == "bn_apply_kernel":
+            cfg.pop("WAVES")
     return RAW[name], grid(cfg), {**kwargs, **cfg}
 
 
@@ -247,3 +288,60 @@ def launch_grad_stats(x, dy, mean, stat, eps, *, stat_is_var, grad_weight, grad_
             dict(STAT_IS_VAR=stat_is_var, HAS_GRAD_WEIGHT=grad_weight is not None,
                  HAS_GRAD_BIAS=grad_bias is not None, WRITE_COEF=want_coef))
     return coef
+
+
+def launch_fused_forward(x, out, weight, bias, running_mean, running_var, num_batches_tracked,
+                         momentum, eps):
+    """Training forward in one single-pass launch (use_fused must hold for (x, out)): writes
+    ``out`` and returns the batch (mean, invstd), fp32 [C]; updates running stats in place."""
+    device = x.device
+    geom = make_geometry(x, out)
+    C = geom.channels
+    stats = torch.empty((2, C), dtype=torch.float32, device=device)
+    update = running_mean is not None
+    cumulative = update and momentum is None
+    dummy = _dummy(device)
+    run_mean, run_var = _vec(running_mean), _vec(running_var)
+    args = (x, dummy, out, stats[0], stats[1],
+            dummy if weight is None else _vec(weight), dummy if bias is None else _vec(bias),
+            run_mean if update else dummy, run_var if update else dummy,
+            num_batches_tracked if cumulative else dummy, dummy, dummy,
+            0.0 if momentum is None else float(momentum), float(eps),
+            1.0 / geom.reduction_size, *geom.sizes)
+    x_strides, out_strides = geom.strides
+    _launch("bn_fused_kernel", geom, device, x.element_size(),
+            args + x_strides + x_strides + out_strides,
+            dict(BACKWARD=False, STAT_IS_VAR=False, HAS_WEIGHT=weight is not None,
+                 HAS_BIAS=bias is not None, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
+                 HAS_GRAD_WEIGHT=False, HAS_GRAD_BIAS=False, WRITE_OUT=True))
+    if run_mean is not running_mean:
+        running_mean.copy_(run_mean)
+    if run_var is not running_var:
+        running_var.copy_(run_var)
+    return stats[0], stats[1]
+
+
+def launch_fused_backward(x, dy, grad_input, mean, stat, weight, eps, *, stat_is_var,
+                          grad_weight, grad_bias):
+    """Backward in one single-pass launch (use_fused must hold for ``backward_geometry``):
+    grad_input (when given), grad_weight and grad_bias (when given)."""
+    device = x.device
+    geom = backward_geometry(x, dy, grad_input)
+    dummy = _dummy(device)
+    args = (x, dy, dummy if grad_input is None else grad_input, _vec(mean), _vec(stat),
+            dummy if weight is None else _vec(weight), dummy, dummy, dummy, dummy,
+            dummy if grad_weight is None else grad_weight,
+            dummy if grad_bias is None else grad_bias,
+            0.0, float(eps), 1.0 / geom.reduction_size, *geom.sizes)
+    strides = geom.strides + (geom.strides[0],) * (3 - len(geom.strides))
+    _launch("bn_fused_kernel", geom, device, x.element_size(),
+            args + strides[0] + strides[1] + strides[2],
+            dict(BACKWARD=True, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
+                 HAS_BIAS=False, UPDATE_RUNNING=False, CUMULATIVE=False,
+                 HAS_GRAD_WEIGHT=grad_weight is not None, HAS_GRAD_BIAS=grad_bias is not None,
+                 WRITE_OUT=grad_input is not None))
+
+
+def backward_geometry(x, dy, grad_input=None) -> Geometry:
+    """Geometry of the backward's operands: x, dy and grad_input when it is written."""
+    return make_geometry(x, dy) if grad_input is None else make_geometry(x, dy, grad_input)

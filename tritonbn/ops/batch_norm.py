@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from ..kernels.geometry import make_geometry
-from ..kernels.launch import launch_apply, launch_grad_stats, launch_stats
+from ..kernels.launch import (backward_geometry, launch_apply, launch_fused_backward,
+                              launch_fused_forward, launch_grad_stats, launch_stats, use_fused)
 
 # The kernels take any strides and write outputs in the input's layout (empty_like), and
 # the fake implementations say so. ``flexible_layout`` lets Inductor hand the ops the layout
@@ -130,6 +131,12 @@ def backward_impl(
         grad_weight.zero_()
         grad_bias.zero_()
         return grad_input, grad_weight, grad_bias
+    if use_fused(backward_geometry(input, grad_output, grad_input if want_input else None)):
+        launch_fused_backward(input, grad_output, grad_input if want_input else None, mean,
+                              stat, weight, eps, stat_is_var=not batch_stats,
+                              grad_weight=grad_weight if want_weight else None,
+                              grad_bias=grad_bias if want_bias else None)
+        return grad_input, grad_weight, grad_bias
     coef = None
     if want_weight or want_bias or (want_input and batch_stats):
         coef = launch_grad_stats(
@@ -191,3 +198,43 @@ class EagerApply(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         return _backward(ctx, grad_output, backward_impl)
+
+
+def train_forward_impl(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                       momentum, eps):
+    """Training forward (batch statistics): (output, mean, invstd). One single-pass launch
+    where the shape fits it (kernels/fused.py), else batch_norm_stats' and
+    batch_norm_apply's implementations (two launches)."""
+    output = torch.empty_like(input)
+    if input.numel() != 0 and use_fused(make_geometry(input, output)):
+        mean, invstd = launch_fused_forward(input, output, weight, bias, running_mean,
+                                            running_var, num_batches_tracked, momentum, eps)
+        return output, mean, invstd
+    mean, invstd = stats_impl(input, running_mean, running_var, num_batches_tracked,
+                              momentum, eps)
+    if input.numel() != 0:
+        launch_apply(input, None, output, mean, invstd, weight, bias, None, eps,
+                     stat_is_var=False, backward=False)
+    return output, mean, invstd
+
+
+class EagerTrain(torch.autograd.Function):
+    """Training forward in plain eager mode: statistics, running-stat update and output in
+    one autograd node, so shapes that fit the single-pass kernel take one launch. (A custom
+    op cannot both mutate its arguments and carry an autograd formula, so torch.compile and
+    torch.export see batch_norm_stats + batch_norm_apply instead.) Saved tensors and
+    backward are those of batch_norm_apply with batch_stats=True."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                momentum, eps):
+        output, mean, invstd = train_forward_impl(input, weight, bias, running_mean,
+                                                  running_var, num_batches_tracked,
+                                                  momentum, eps)
+        _setup_context(ctx, (input, weight, bias, mean, invstd, True, eps), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_input, grad_weight, grad_bias = _backward(ctx, grad_output, backward_impl)[:3]
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
