@@ -1,7 +1,8 @@
 """Compiled-kernel report: every config of every tritonbn kernel, compiled ahead of time.
 
-Runs on a CPU-only machine. Each config of ``bn_stats_kernel``, ``bn_grad_stats_kernel`` and
-``bn_apply_kernel`` (forward, and backward with batch statistics) is compiled with Triton's
+Runs on a CPU-only machine. Each config of ``bn_stats_kernel``, ``bn_grad_stats_kernel``,
+``bn_apply_kernel`` and the single-pass ``bn_fused_kernel`` (forward, and backward with
+batch statistics; the last one at its largest tile, see FUSED_KERNELS) is compiled with Triton's
 AOT path (``triton.compile(ASTSource(...), target=GPUTarget(...))``) for sm_90 (Hopper) and
 sm_80 (Ampere), for aligned inputs in NCHW (CONTIG=1: unit stride along the inner axis) and
 channels_last (CONTIG=2: unit stride along the channels). The kernel arguments are the ones
@@ -66,9 +67,17 @@ KERNELS = (
 )
 # Big tensors of each kernel: pointer arguments whose loads / stores are the bulk traffic.
 BULK_LOADS = {"bn_stats_kernel": ("x_ptr",), "bn_grad_stats_kernel": ("x_ptr", "dy_ptr"),
-              "bn_apply_kernel": ("x_ptr", "dy_ptr")}
+              "bn_apply_kernel": ("x_ptr", "dy_ptr"), "bn_fused_kernel": ("x_ptr", "dy_ptr")}
 BULK_STORES = {"bn_stats_kernel": (), "bn_grad_stats_kernel": (),
-               "bn_apply_kernel": ("out_ptr",)}
+               "bn_apply_kernel": ("out_ptr",), "bn_fused_kernel": ("out_ptr",)}
+# The single-pass kernel (fused.py): its tile covers a whole channel, so its shape comes
+# from the input, not from the config. Each config is compiled at its largest tile,
+# max(configs.FUSED_PER_THREAD) elements per thread (the register high-water mark), for an input of
+# that many values per channel: NCHW (N, 256, 1, W) with W <= 256, channels_last
+# (M, 256, 1, 1) (BLOCK_C >= 16 only: smaller blocks are never chosen there).
+FUSED_KERNELS = ("bn_fused_kernel[fwd]", "bn_fused_kernel[bwd]")
+FUSED_CHANNELS = 256
+QUICK_FUSED = ((1, 4), (16, 8))  # (BLOCK_C, num_warps) compiled by --quick
 LAYOUTS = ("nchw", "channels_last")
 ARCHS = (90, 80)
 DTYPES = ("fp32", "bf16")
@@ -173,6 +182,12 @@ def _capture(label: str, layout: str, dtype: str, shape=SHAPE):
         elif label == "bn_apply_kernel[bwd]":  # training backward: dx with (k1, k2)
             launch.launch_apply(x, dy, out, mean, invstd, w, None, torch.zeros(2, C), 1e-5,
                                 stat_is_var=False, backward=True)
+        elif label == "bn_fused_kernel[fwd]":  # training forward, momentum update
+            launch.launch_fused_forward(x, out, w, b, torch.zeros(C), torch.ones(C), None,
+                                        0.1, 1e-5)
+        elif label == "bn_fused_kernel[bwd]":  # training backward, every gradient
+            launch.launch_fused_backward(x, dy, out, mean, invstd, w, 1e-5, stat_is_var=False,
+                                         grad_weight=torch.empty(C), grad_bias=torch.empty(C))
         else:
             raise ValueError(label)
     finally:
@@ -284,7 +299,7 @@ def _compile_one(job: dict) -> dict:
     for k in ("num_warps", "num_stages", "num_ctas", "maxnreg"):
         values.pop(k, None)
     values.update(job["kwargs"])
-    if job["kernel"].startswith("bn_apply_kernel"):
+    if not job["kernel"].startswith(("bn_stats_kernel", "bn_grad_stats_kernel")):
         values.pop("WAVES", None)
     src, signature = _ast_source(kernel, values)
     # Pointer arguments in ptx parameter order (constexprs are not kernel parameters).
@@ -464,6 +479,45 @@ def _jobs(quick: bool, archs, dtypes, shape=SHAPE) -> list[dict]:
         jobs.append(dict(kernel=label, layout=layout, dtype=dtype, arch=arch, shape=shape,
                          kwargs=cfg, num_warps=warps, num_stages=stages, row=row,
                          rows=[row]))
+    return jobs + _fused_jobs(quick, archs, dtypes)
+
+
+def _fused_shape(block_c: int, num_warps: int, layout: str):
+    """Input whose whole channel fills the config's largest tile, or None when that tile
+    cannot hold one row of channels or, in channels_last, BLOCK_C is below 16."""
+    from tritonbn.kernels import configs
+    per_channel = 32 * num_warps * max(configs.FUSED_PER_THREAD) // block_c
+    if per_channel < 1 or 32 * num_warps * max(configs.FUSED_PER_THREAD) > \
+            configs.FUSED_MAX_VOLUME:
+        return None
+    if layout == "nchw":
+        width = min(per_channel, 256)
+        return (per_channel // width, FUSED_CHANNELS, 1, width)
+    if block_c < configs.MIN_CONTIG_BLOCK:
+        return None
+    return (per_channel, FUSED_CHANNELS, 1, 1)
+
+
+def _fused_jobs(quick: bool, archs, dtypes) -> list[dict]:
+    """One compile per single-pass config, mode, arch, layout and dtype (see FUSED_KERNELS).
+    eligible: the unit-stride block is at least 16 elements (128-bit access possible)."""
+    from tritonbn.kernels import configs
+    jobs = []
+    for cfg in configs.fused_kernel_configs():
+        bc, warps = cfg.kwargs["BLOCK_C"], cfg.num_warps
+        if quick and (bc, warps) not in QUICK_FUSED:
+            continue
+        for label, arch, layout, dtype in itertools.product(FUSED_KERNELS, archs, LAYOUTS,
+                                                            dtypes):
+            shape = _fused_shape(bc, warps, layout)
+            if shape is None:
+                continue
+            name = f"C{bc}_w{warps}_s{cfg.num_stages} at {'x'.join(map(str, shape))}"
+            row = dict(kernel=label, config=name, arch=f"sm_{arch}", layout=layout,
+                       dtype=dtype, eligible=layout != "nchw" or shape[-1] >= 16)
+            jobs.append(dict(kernel=label, layout=layout, dtype=dtype, arch=arch,
+                             shape=shape, kwargs=dict(cfg.kwargs), num_warps=warps,
+                             num_stages=cfg.num_stages, row=row, rows=[row]))
     return jobs
 
 

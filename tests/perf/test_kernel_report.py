@@ -41,13 +41,14 @@ def test_outputs_exist(quick_report):
     assert "| kernel |" in md and "spilling configs: 0" in md
     assert list(rows[0].keys()) == kernel_report.FIELDS
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {k[0] for k in kernel_report.KERNELS}
+    assert kernels == {k[0] for k in kernel_report.KERNELS} | set(kernel_report.FUSED_KERNELS)
     assert {r["layout"] for r in rows} == {"nchw", "channels_last"}
     assert {r["dtype"] for r in rows} == {"fp32", "bf16"}
     assert {r["arch"] for r in rows} == {"sm_90"}
     # Two tiles per kernel (x2 WAVES for the reductions) + the default config, per
-    # (layout, dtype).
-    assert len(rows) == (4 + 4 + 2 + 2 + 4) * 2 * 2
+    # (layout, dtype); the single-pass kernel's two quick configs in 2 modes, one of them
+    # (BLOCK_C = 1) in NCHW only.
+    assert len(rows) == (4 + 4 + 2 + 2 + 4) * 2 * 2 + 2 * 3 * 2
     assert sum(r["config"].startswith("default:") for r in rows) == 4 * 2 * 2
 
 
@@ -69,7 +70,7 @@ def test_bulk_accesses_are_128_bit(quick_report):
         assert r["eligible"] == "True", r  # quick tiles are usable in both layouts
         assert r["vec128"] == "True", r
         assert int(r["load_bits"]) == 128 and int(r["n_bulk_loads"]) > 0
-        if r["kernel"].startswith("bn_apply_kernel"):
+        if r["kernel"].startswith(("bn_apply_kernel", "bn_fused_kernel")):
             assert int(r["store_bits"]) == 128 and int(r["n_bulk_stores"]) > 0
         else:
             assert r["store_bits"] == ""  # the reductions write only per-channel results

@@ -2,9 +2,12 @@
 
     tritonbn::batch_norm_stats     batch mean/invstd + running-stat update (1 launch)
     tritonbn::batch_norm_apply     normalize + affine (1 launch), differentiable
-    tritonbn::batch_norm_backward  gradient statistics + grad_input (2 launches)
+    tritonbn::batch_norm_backward  gradient statistics + grad_input (2 launches, or 1
+                                   single-pass launch where the shape fits, fused.py)
 
-Training forward = stats + apply (2 launches), eval forward = apply alone (1 launch).
+Training forward = stats + apply (2 launches), eval forward = apply alone (1 launch). In
+plain eager mode, EagerTrain runs the whole training forward as one autograd node, one
+single-pass launch where the shape fits.
 Registered with ``torch.library.custom_op`` (fake implementations included) so that
 torch.compile(fullgraph=True) and torch.export treat them as opaque nodes. A custom op that
 mutates its arguments cannot carry an autograd formula, hence the split: the mutating
