@@ -183,8 +183,8 @@ def _capture(label: str, layout: str, dtype: str, shape=SHAPE):
             launch.launch_apply(x, dy, out, mean, invstd, w, None, torch.zeros(2, C), 1e-5,
                                 stat_is_var=False, backward=True)
         elif label == "bn_fused_kernel[fwd]":  # training forward, momentum update
-            launch.launch_fused_forward(x, out, w, b, torch.zeros(C), torch.ones(C), None,
-                                        0.1, 1e-5)
+            launch.launch_fused_forward(x, out, make_geometry(x, out), w, b, torch.zeros(C),
+                                        torch.ones(C), None, 0.1, 1e-5)
         elif label == "bn_fused_kernel[bwd]":  # training backward, every gradient
             launch.launch_fused_backward(x, dy, out, mean, invstd, w, 1e-5, stat_is_var=False,
                                          grad_weight=torch.empty(C), grad_bias=torch.empty(C))

@@ -271,7 +271,8 @@ def test_fused_every_config(cfg, device, forced_config):
         rv0 = torch.rand(C, device=device) + 0.5
         rm, rv = rm0.clone(), rv0.clone()
         y = torch.empty_like(x)
-        mean, invstd = launch.launch_fused_forward(x, y, w, b, rm, rv, None, MOMENTUM, EPS)
+        mean, invstd = launch.launch_fused_forward(x, y, make_geometry(x, y), w, b, rm, rv, None,
+                                                   MOMENTUM, EPS)
         ref_mean, ref_var = _ref_stats(x)
         ref_invstd = 1 / torch.sqrt(ref_var + EPS)
         mag = x.double().abs().amax(_dims(x)).cpu()

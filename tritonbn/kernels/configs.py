@@ -8,6 +8,7 @@ pruning leaves a handful per shape, so first-call tuning stays short.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import triton
@@ -131,6 +132,7 @@ def _fused_min_block_c(channels: int, contig: int) -> int:
     return _min_contig_block(channels) if contig == CONTIG_CHANNEL else 1
 
 
+@functools.lru_cache(maxsize=4096)
 def fused_fits(geom: Geometry) -> bool:
     """Whether the single-pass kernel can take this shape: the smallest allowed tile holding
     whole channels fits FUSED_MAX_VOLUME."""

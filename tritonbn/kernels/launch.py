@@ -179,10 +179,12 @@ def _plan(name: str, geom: Geometry, device: torch.device, elem_size: int, tuned
 
 
 def clear_caches() -> None:
-    """Forget per-shape launch plans and workspace sizes: needed after changing what they
-    were built from (configs.default_config, the RAW / TUNED kernels), e.g. in tests."""
+    """Forget per-shape launch plans, workspace sizes and path choices: needed after
+    changing what they were built from (configs.default_config, the RAW / TUNED kernels),
+    e.g. in tests."""
     _plan.cache_clear()
     _max_splits.cache_clear()
+    C_.fused_fits.cache_clear()
 
 
 def _launch(name: str, geom: Geometry, device: torch.device, elem_size: int, args: tuple,
@@ -290,19 +292,18 @@ def launch_grad_stats(x, dy, mean, stat, eps, *, stat_is_var, grad_weight, grad_
     return coef
 
 
-def launch_fused_forward(x, out, weight, bias, running_mean, running_var, num_batches_tracked,
-                         momentum, eps):
-    """Training forward in one single-pass launch (use_fused must hold for (x, out)): writes
-    ``out`` and returns the batch (mean, invstd), fp32 [C]; updates running stats in place."""
+def launch_fused_forward(x, out, geom, weight, bias, running_mean, running_var,
+                         num_batches_tracked, momentum, eps):
+    """Training forward in one single-pass launch: ``geom`` = make_geometry(x, out), for
+    which use_fused holds. Writes ``out`` and returns the batch (mean, invstd), fp32 [C];
+    updates running stats in place."""
     device = x.device
-    geom = make_geometry(x, out)
-    C = geom.channels
-    stats = torch.empty((2, C), dtype=torch.float32, device=device)
+    mean, invstd = torch.empty((2, geom.channels), dtype=torch.float32, device=device).unbind()
     update = running_mean is not None
     cumulative = update and momentum is None
     dummy = _dummy(device)
     run_mean, run_var = _vec(running_mean), _vec(running_var)
-    args = (x, dummy, out, stats[0], stats[1],
+    args = (x, dummy, out, mean, invstd,
             dummy if weight is None else _vec(weight), dummy if bias is None else _vec(bias),
             run_mean if update else dummy, run_var if update else dummy,
             num_batches_tracked if cumulative else dummy, dummy, dummy,
@@ -318,7 +319,7 @@ def launch_fused_forward(x, out, weight, bias, running_mean, running_var, num_ba
         running_mean.copy_(run_mean)
     if run_var is not running_var:
         running_var.copy_(run_var)
-    return stats[0], stats[1]
+    return mean, invstd
 
 
 def launch_fused_backward(x, dy, grad_input, mean, stat, weight, eps, *, stat_is_var,

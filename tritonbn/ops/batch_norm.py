@@ -209,8 +209,9 @@ def train_forward_impl(input, weight, bias, running_mean, running_var, num_batch
     where the shape fits it (kernels/fused.py), else batch_norm_stats' and
     batch_norm_apply's implementations (two launches)."""
     output = torch.empty_like(input)
-    if input.numel() != 0 and use_fused(make_geometry(input, output)):
-        mean, invstd = launch_fused_forward(input, output, weight, bias, running_mean,
+    geom = make_geometry(input, output) if input.numel() != 0 else None
+    if geom is not None and use_fused(geom):
+        mean, invstd = launch_fused_forward(input, output, geom, weight, bias, running_mean,
                                             running_var, num_batches_tracked, momentum, eps)
         return output, mean, invstd
     mean, invstd = stats_impl(input, running_mean, running_var, num_batches_tracked,
