@@ -3,9 +3,11 @@
 1. Accuracy of every provider against float64, per phase, layout and dtype.
 2. tritonbn's memory traffic per phase (bytes read and written by its kernels, counted by
    instrumenting the interpreter) and kernel launches, next to the minimum and to PyTorch's
-   native kernels.
+   native kernels: ``tritonbn`` (single-pass kernel on the shapes it fits) and
+   ``tritonbn_split`` (split path everywhere) side by side.
 3. A program-count model: for every GPU-mode shape, how many programs each tritonbn launch
-   would start on a 132-SM H200 (default config; range over the autotuning candidates).
+   would start on a 132-SM H200 (default config; range over the autotuning candidates),
+   and whether the single-pass kernel takes the shape.
 4. The compiled-kernel report of perf/kernel_report.py (registers, spills, load widths).
 No timing here is a GPU timing.
 """
@@ -93,7 +95,7 @@ def case_rows(case: S.Case, providers: list[str], log) -> list[dict]:
             m, fwd = P.make(prov, ndim, C, "cpu", case.dtype)
             counters = ({p: TrafficCounter() for p in ("train_fwd", "bwd", "eval_fwd")}
                         if prov.startswith("tritonbn") else None)
-            with P.autotune_env(prov):
+            with P.provider_env(prov):
                 got = _run_phases(m, fwd, x, dy, counters)
         except Exception as e:  # recorded, never fatal
             msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -130,9 +132,20 @@ def case_rows(case: S.Case, providers: list[str], log) -> list[dict]:
 
 
 # -- program-count model -----------------------------------------------------------------
+def _grid_row(shape: dict, kernel: str, tile: str, warps: int, waves, programs: int,
+              candidates: list[int], sizes: dict) -> dict:
+    """One kernel of one shape: its default config's programs, and the candidates'."""
+    return dict(shape, kernel=kernel, default_tile=tile, default_warps=warps,
+                default_waves_param=waves, programs=programs,
+                programs_per_sm=round(programs / H200_SMS, 2), tuned_candidates=len(candidates),
+                tuned_programs_min=min(candidates, default=None),
+                tuned_programs_max=max(candidates, default=None), **sizes)
+
+
 def grid_rows() -> list[dict]:
     """Programs per launch on an H200 (132 SMs) for every GPU-mode shape: the fixed
-    default config, and the range over the autotuning candidates that survive pruning."""
+    default config, and the range over the autotuning candidates that survive pruning; the
+    split path's kernels on every shape, the single-pass kernel on the shapes it takes."""
     from tritonbn.kernels import configs as C_
     from tritonbn.kernels import launch as L
     from tritonbn.kernels.geometry import make_geometry
@@ -140,14 +153,22 @@ def grid_rows() -> list[dict]:
     cuda = torch.device("cuda")
     old = L._sm_count
     L._sm_count = lambda device: H200_SMS  # the launchers' grid functions, for an H200
+    target = 2 * H200_SMS  # the launchers' programs target (2 x SMs)
     rows = []
     try:
         for case in S.grid_model_cases():
             x = S.empty(case.shape, case.layout, S.DTYPES[case.dtype], "meta")
             geom = make_geometry(x)
             es = x.element_size()
-            default = C_.default_config(geom, es, interpreted=False)
+            fits = C_.fused_fits(geom)
+            shape = dict(family=case.family, name=case.name,
+                         shape="x".join(map(str, case.shape)), layout=case.layout,
+                         dtype=case.dtype, fused_fits=fits)
             mb = case.numel * es / 1e6  # one tensor; the backward re-reads two (x, dy)
+            sizes = dict(tensor_mb=round(mb, 2), fwd_reread_fits_l2=mb <= H200_L2_MB,
+                         bwd_reread_fits_l2=2 * mb <= H200_L2_MB)
+            default = C_.default_config(geom, es, interpreted=False)
+            tile = "x".join(str(default[k]) for k in ("BLOCK_O", "BLOCK_I", "BLOCK_C"))
             for kernel, reduction in (("stats/grad_stats", True), ("apply", False)):
                 def programs(meta):
                     if reduction:
@@ -156,21 +177,19 @@ def grid_rows() -> list[dict]:
                     return L.apply_grid(geom, meta)[0]
                 cands = [c.kwargs for c in C_.kernel_configs(reduction)
                          if C_.config_fits(c.kwargs, geom.outer_size, geom.inner_size,
-                                           geom.channels, geom.contig, 2 * H200_SMS)]
-                progs = [programs(k) for k in cands] or [None]
-                p = programs(default)
-                cfg = "x".join(str(default[k]) for k in ("BLOCK_O", "BLOCK_I", "BLOCK_C"))
-                rows.append(dict(
-                    family=case.family, name=case.name, shape="x".join(map(str, case.shape)),
-                    layout=case.layout, dtype=case.dtype, kernel=kernel,
-                    default_tile=cfg, default_warps=default["num_warps"],
-                    default_waves_param=default["WAVES"] if reduction else None,
-                    programs=p, programs_per_sm=round(p / H200_SMS, 2),
-                    tuned_candidates=len(cands),
-                    tuned_programs_min=min(progs) if cands else None,
-                    tuned_programs_max=max(progs) if cands else None,
-                    tensor_mb=round(mb, 2), fwd_reread_fits_l2=mb <= H200_L2_MB,
-                    bwd_reread_fits_l2=2 * mb <= H200_L2_MB))
+                                           geom.channels, geom.contig, target)]
+                rows.append(_grid_row(shape, kernel, tile, default["num_warps"],
+                                      default["WAVES"] if reduction else None,
+                                      programs(default), [programs(k) for k in cands], sizes))
+            if fits:
+                bo, bi = C_.fused_tile(geom)
+                cfg = C_.fused_default_config(geom, target, interpreted=False)
+                cands = [c.kwargs for c in C_.fused_kernel_configs()
+                         if C_.fused_config_fits(c.kwargs["BLOCK_C"], c.num_warps, bo, bi,
+                                                 geom.channels, geom.contig, target)]
+                rows.append(_grid_row(shape, "fused", f"{bo}x{bi}x{cfg['BLOCK_C']}",
+                                      cfg["num_warps"], None, L.fused_grid(geom, cfg)[0],
+                                      [L.fused_grid(geom, k)[0] for k in cands], sizes))
     finally:
         L._sm_count = old
     return rows
@@ -246,6 +265,8 @@ def compile_works(log) -> str | None:
 
 
 def run(quick: bool, out_dir: str, use_compile: bool, log) -> dict:
+    from tritonbn.kernels.configs import FUSED_MAX_VOLUME
+
     t_start = time.perf_counter()
     cases = S.cpu_cases(quick)
     compile_reason = compile_works(log) if use_compile else "disabled (--no-compile)"
@@ -257,7 +278,7 @@ def run(quick: bool, out_dir: str, use_compile: bool, log) -> dict:
     prog = Progress(len(cases) + 2, "CPU mode (Triton interpreter)")
     rows = []
     for case in cases:
-        provs = ["tritonbn", "torch"]
+        provs = ["tritonbn", "tritonbn_split", "torch"]
         if (compile_reason is None and case.layout in compile_layouts
                 and case.dtype in compile_dtypes):
             provs.append("torch_compile")
@@ -272,17 +293,23 @@ def run(quick: bool, out_dir: str, use_compile: bool, log) -> dict:
         log(f"kernel report: {kerr}")
     prog.step(f"kernel report: {len(kernels)} rows ({time.perf_counter() - kt:.0f} s)")
 
-    traffic = [dict(phase=r["phase"], layout=r["layout"], shape=r["shape"], dtype=r["dtype"],
+    # path: which tritonbn path served the phase, read off the kernels it launched (eval
+    # forward is the apply kernel alone on both).
+    traffic = [dict(provider=r["provider"], phase=r["phase"], layout=r["layout"],
+                    shape=r["shape"], dtype=r["dtype"],
+                    path="single_pass" if "bn_fused_kernel" in (r.get("launch_kernels") or "")
+                    else "split",
                     bytes_per_element=r.get("bytes_per_element"),
                     small_bytes_per_element=r.get("small_bytes_per_element"),
                     min_bytes_per_element=r["min_bytes_per_element"],
                     torch_native_bytes_per_element=r["torch_native_bytes_per_element"],
                     launches=r.get("launches"), launch_kernels=r.get("launch_kernels"),
                     bytes_by_argument=r.get("_by_argument"))
-               for r in rows if r["provider"] == "tritonbn" and "error" not in r]
+               for r in rows if r["provider"].startswith("tritonbn") and "error" not in r]
     for r in rows:
         r.pop("_by_argument", None)
     return dict(mode="cpu", quick=quick, rows=rows, grid=grid, traffic=traffic,
+                fused_max_volume=FUSED_MAX_VOLUME,
                 kernels=kernels, kernels_error=kerr, compile_skipped=compile_reason,
                 interpreter_bf16_cast=bf16_cast,
                 compile_subset=dict(layouts=compile_layouts, dtypes=compile_dtypes),

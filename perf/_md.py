@@ -40,6 +40,8 @@ def cpu_report(summary: dict, out_dir: str, plots: list[str]) -> str:
 
 def _cpu_traffic(summary) -> list[str]:
     t = summary.get("traffic", [])
+    single = dict.fromkeys(f"{r['shape']} {r['layout']}" for r in t
+                           if r.get("path") == "single_pass")
     L = ["## Memory traffic and launches per phase (tritonbn, counted)", "",
          "Bytes read and written by tritonbn's kernels, counted by instrumenting the "
          "interpreter's loads and stores (active lanes x element size), per element of the "
@@ -49,23 +51,34 @@ def _cpu_traffic(summary) -> list[str]:
          "(read x, write y) and 3 backward (read x, dy; write dx); PyTorch's native CUDA "
          "kernels make 3 and 5 (design notes, section 2; eval forward: 2). These are the bytes "
          "the kernels request: on a GPU the second read of x (and dy) comes from L2 when the "
-         "tensor fits there (60 MB on H200), from HBM otherwise.", ""]
+         "tensor fits there (60 MB on H200), from HBM otherwise.", "",
+         "Path *single_pass*: training forward and backward each run as one `bn_fused_kernel` "
+         "launch that holds all M = N x spatial values of its channels in registers, so it "
+         "reads x (and dy) once, plus x[0, c] per channel as a numerical shift; tritonbn takes "
+         "it when M fits one register tile of at most "
+         f"{fmt(summary.get('fused_max_volume'))} lanes (outer and inner extents rounded up to "
+         "powers of two, times the layout's smallest channel block), here "
+         f"{', '.join(single) or 'no shape'}. Path *split*: statistics (or grad_stats) then "
+         "apply, which `tritonbn_split` (TRITONBN_FUSED=0) runs on every shape; eval forward "
+         "is one apply launch on both.", ""]
     rows = []
     for phase in S.PHASES:
         for layout in dict.fromkeys(r["layout"] for r in t):
-            by = {r["dtype"]: r for r in t if r["phase"] == phase and r["layout"] == layout}
-            r32, r16 = by.get("fp32"), by.get("bf16") or by.get("fp16")
-            if not (r32 or r16):
-                continue
-            r = r32 or r16
-            es = 4 if r is r32 else 2
-            rows.append([PHASE_TITLES[phase], layout, r["shape"],
-                         r32 and r32["bytes_per_element"], r16 and r16["bytes_per_element"],
-                         r["bytes_per_element"] / es, S.MIN_PASSES[phase],
-                         S.TORCH_NATIVE_PASSES[phase], r["small_bytes_per_element"],
-                         r["launches"], r["launch_kernels"]])
-    L.append(md_table(["phase", "layout", "shape", "fp32 B/elem", "16-bit B/elem",
-                       "passes", "min passes", "torch native passes",
+            for prov in dict.fromkeys(r["provider"] for r in t):
+                by = {r["dtype"]: r for r in t if r["phase"] == phase
+                      and r["layout"] == layout and r["provider"] == prov}
+                r32, r16 = by.get("fp32"), by.get("bf16") or by.get("fp16")
+                if not (r32 or r16):
+                    continue
+                r = r32 or r16
+                es = 4 if r is r32 else 2
+                rows.append([PHASE_TITLES[phase], layout, r["shape"], prov, r["path"],
+                             r32 and r32["bytes_per_element"], r16 and r16["bytes_per_element"],
+                             r["bytes_per_element"] / es, S.MIN_PASSES[phase],
+                             S.TORCH_NATIVE_PASSES[phase], r["small_bytes_per_element"],
+                             r["launches"], r["launch_kernels"]])
+    L.append(md_table(["phase", "layout", "shape", "provider", "path", "fp32 B/elem",
+                       "16-bit B/elem", "passes", "min passes", "torch native passes",
                        "small B/elem (fp32)", "launches", "kernels"], rows))
     return L + [""]
 
@@ -118,20 +131,25 @@ def _cpu_grid(summary) -> list[str]:
          "in grid.csv). A reduction launch below 1 program per SM leaves SMs idle. The last "
          "columns say whether the tensor the second pass re-reads (x forward; x and dy "
          "backward, bf16) fits in the H200's 60 MB L2, where that re-read can avoid HBM: "
-         "a size fact, not a measurement.", ""]
+         "a size fact, not a measurement. Kernel `fused`: the single-pass kernel "
+         "(`fused_grid` with `configs.fused_default_config`; its tile [O,I,C] holds whole "
+         "channels), listed on the shapes it takes (column single-pass), where it replaces "
+         "stats/grad_stats + apply in training and makes no re-read.", ""]
     rows = []
     for r in g:
         if r["dtype"] != "bf16":
             continue
-        rows.append([r["family"], r["name"], r["shape"], r["layout"], r["kernel"],
+        rows.append([r["family"], r["name"], r["shape"], r["layout"],
+                     "yes" if r.get("fused_fits") else "no", r["kernel"],
                      f"{r['default_tile']} w{r['default_warps']}", r["programs"],
                      r["programs_per_sm"], r["tuned_candidates"],
                      f"{fmt(r['tuned_programs_min'])}-{fmt(r['tuned_programs_max'])}",
                      r["tensor_mb"], "yes" if r["fwd_reread_fits_l2"] else "no",
                      "yes" if r["bwd_reread_fits_l2"] else "no"])
-    L.append(md_table(["family", "layer", "shape", "layout", "kernel", "default tile [O,I,C]",
-                       "programs", "per SM", "tuning candidates", "their programs",
-                       "tensor MB", "fwd re-read fits L2", "bwd re-read fits L2"], rows))
+    L.append(md_table(["family", "layer", "shape", "layout", "single-pass", "kernel",
+                       "default tile [O,I,C]", "programs", "per SM", "tuning candidates",
+                       "their programs", "tensor MB", "fwd re-read fits L2",
+                       "bwd re-read fits L2"], rows))
     return L + [""]
 
 
@@ -182,8 +200,11 @@ def gpu_report(summary: dict, out_dir: str, plots: list[str]) -> str:
           "bandwidth = minimal bytes (forward: x + y; backward: x + dy + dx) / time. "
           "`graph ms`: calls captured in one CUDA graph (host overhead hidden, no flush; "
           "marked L2 when the rotated set fits in L2). tritonbn = fixed default config "
-          "(TRITONBN_AUTOTUNE=0); tritonbn_tuned = autotuned. torch backend (cuDNN / native) "
-          "from the profiler's kernel names. Every number below was measured in this run.", ""]
+          "(TRITONBN_AUTOTUNE=0), single-pass kernel on the shapes it takes; tritonbn_tuned = "
+          "autotuned; tritonbn_split = fixed default config with the single-pass kernel off "
+          "(TRITONBN_FUSED=0: statistics then apply on every shape; `split ms`). torch "
+          "backend (cuDNN / native) from the profiler's kernel names. Every number below was "
+          "measured in this run.", ""]
     first = summary.get("first_call_s_total") or {}
     if first:
         L += ["Time spent in first calls (JIT compile, autotuning, torch.compile), not in the "
@@ -227,9 +248,10 @@ def _gpu_network(summary) -> list[str]:
         by = {s["provider"]: s["ms"] for s in sums if (s["family"], s["layout"], s["dtype"],
                                                        s["phase"]) == (fam, layout, dt, phase)}
         t, e = by.get("tritonbn"), by.get("torch")
-        rows.append([fam, layout, dt, PHASE_TITLES[phase], t, e, e / t if t and e else None])
-    L.append(md_table(["model", "layout", "dtype", "phase", "tritonbn ms", "torch ms",
-                       "speedup"], rows))
+        rows.append([fam, layout, dt, PHASE_TITLES[phase], t, by.get("tritonbn_split"), e,
+                     e / t if t and e else None])
+    L.append(md_table(["model", "layout", "dtype", "phase", "tritonbn ms", "split ms",
+                       "torch ms", "speedup vs torch"], rows))
     return L + [""]
 
 
@@ -245,16 +267,18 @@ def _gpu_phase(summary, phase) -> list[str]:
         e = by.get("torch", {})
         c = by.get("torch_compile", {})
         tu = by.get("tritonbn_tuned", {})
+        sp = by.get("tritonbn_split", {})
         graph = t.get("ms_graph")
         table.append([k[0], k[1], k[2], k[3], k[4], t.get("ms"), t.get("gbps"),
                       t.get("pct_of_copy_bw"), e.get("ms"), e.get("backend"),
                       t.get("speedup_vs_torch"), c.get("ms"), t.get("speedup_vs_torch_compile"),
-                      tu.get("ms"),
+                      tu.get("ms"), sp.get("ms"),
                       (fmt(graph) + (" L2" if t.get("graph_l2_resident") else ""))
                       if graph else None,
                       e.get("ms_graph"), t.get("first_call_s"), t.get("launches")])
     return [f"## {PHASE_TITLES[phase]}", "",
             md_table(["family", "layer", "shape", "layout", "dtype", "tritonbn ms", "GB/s",
                       "% copy BW", "torch ms", "torch backend", "speedup vs torch",
-                      "compile ms", "speedup vs compile", "tuned ms", "tritonbn graph ms",
-                      "torch graph ms", "first call s", "launches"], table), ""]
+                      "compile ms", "speedup vs compile", "tuned ms", "split ms",
+                      "tritonbn graph ms", "torch graph ms", "first call s", "launches"],
+                     table), ""]

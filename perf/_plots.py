@@ -8,12 +8,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 import _shapes as S  # noqa: E402
 
 CPU_LABEL = "CPU: interpreter counts and models, not GPU timings"
-COLORS = {"tritonbn": "tab:blue", "tritonbn_tuned": "tab:cyan", "torch": "tab:orange",
-          "torch_compile": "tab:green", "apex": "tab:purple"}
+COLORS = {"tritonbn": "tab:blue", "tritonbn_tuned": "tab:cyan", "tritonbn_split": "tab:olive",
+          "torch": "tab:orange", "torch_compile": "tab:green", "apex": "tab:purple"}
 MARKERS = {"NCHW": "o", "NHWC": "s", "NC": "^", "NCL": "v", "NCDHW": "D", "NDHWC": "P"}
 PHASE_TITLES = {"train_fwd": "training forward", "bwd": "backward",
                 "fwd_bwd": "forward + backward", "eval_fwd": "eval forward"}
@@ -40,39 +42,48 @@ def cpu_plots(summary: dict, out_dir: str) -> list[str]:
 
 
 def _cpu_traffic(summary, out_dir, files):
-    traffic = summary.get("traffic", [])
+    """One panel per dtype and phase: a bar pair per layout, colour = provider (tritonbn,
+    tritonbn_split), hatched where the phase ran the single-pass kernel."""
+    traffic = [t for t in summary.get("traffic", []) if t.get("bytes_per_element") is not None]
     dtypes = [d for d in ("fp32", "bf16") if any(t["dtype"] == d for t in traffic)] or ["fp32"]
     layouts = [l for l in MARKERS if any(t["layout"] == l for t in traffic)]
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4.6), squeeze=False)
-    for ax, dt in zip(axes[0], dtypes):
-        rows = [t for t in traffic if t["dtype"] == dt and t.get("bytes_per_element") is not None]
-        if not rows:
-            _empty(ax)
-            continue
-        width = 0.8 / max(len(layouts), 1)
-        for p, phase in enumerate(S.PHASES):
+    provs = [p for p in COLORS if any(t["provider"] == p for t in traffic)]
+    fig, axes = plt.subplots(len(dtypes), len(S.PHASES), figsize=(4 * len(S.PHASES),
+                             3.6 * len(dtypes)), squeeze=False, sharey="row")
+    width = 0.8 / max(len(provs), 1)
+    for row, dt in zip(axes, dtypes):
+        for ax, phase in zip(row, S.PHASES):
+            sel = [t for t in traffic if t["dtype"] == dt and t["phase"] == phase]
+            if not sel:
+                _empty(ax)
+                continue
             for li, layout in enumerate(layouts):
-                r = next((t for t in rows if t["phase"] == phase and t["layout"] == layout), None)
-                if r is None:
-                    continue
-                x = p - 0.4 + width * (li + 0.5)
-                ax.bar(x, r["bytes_per_element"], width, color=f"C{li}",
-                       label=layout if p == 0 else None)
-                ax.bar(x, r["small_bytes_per_element"], width, bottom=r["bytes_per_element"],
-                       color=f"C{li}", alpha=0.35, hatch="//",
-                       label="per-channel vectors, partials" if p == 0 and li == 0 else None)
-            r0 = next(t for t in rows if t["phase"] == phase)
-            ax.hlines(r0["min_bytes_per_element"], p - 0.45, p + 0.45, colors="k",
-                      linestyles="-", label="minimum" if p == 0 else None)
-            ax.hlines(r0["torch_native_bytes_per_element"], p - 0.45, p + 0.45, colors="red",
-                      linestyles="--", label="PyTorch native CUDA" if p == 0 else None)
-        ax.set_xticks(range(len(S.PHASES)), [PHASE_TITLES[p] for p in S.PHASES], fontsize=8)
-        ax.set_ylabel("bytes moved per input element")
-        ax.set_title(f"tritonbn kernel traffic, {dt}")
-        top = max(r["bytes_per_element"] + r["small_bytes_per_element"] for r in rows)
-        ax.set_ylim(0, top * 1.45)
-        ax.legend(fontsize=7, ncol=3, loc="upper left")
-    fig.suptitle(CPU_LABEL, fontsize=10, color="darkred")
+                for pi, prov in enumerate(provs):
+                    r = next((t for t in sel if t["layout"] == layout and t["provider"] == prov),
+                             None)
+                    if r is None:
+                        continue
+                    x = li - 0.4 + width * (pi + 0.5)
+                    ax.bar(x, r["bytes_per_element"], width, color=COLORS[prov], edgecolor="k",
+                           lw=0.4, hatch="xx" if r["path"] == "single_pass" else None)
+                    ax.bar(x, r["small_bytes_per_element"], width, bottom=r["bytes_per_element"],
+                           color=COLORS[prov], alpha=0.35)
+            ax.axhline(sel[0]["min_bytes_per_element"], color="k", lw=1)
+            ax.axhline(sel[0]["torch_native_bytes_per_element"], color="red", ls="--", lw=1)
+            ax.set_xticks(range(len(layouts)), layouts, fontsize=7)
+            ax.set_title(f"{PHASE_TITLES[phase]}, {dt}", fontsize=9)
+        row[0].set_ylabel("bytes moved per input element")
+    handles = [Patch(facecolor=COLORS[p], edgecolor="k", lw=0.4, label=p) for p in provs]
+    handles += [Patch(facecolor="white", edgecolor="k", hatch="xx",
+                      label="single-pass kernel (bn_fused_kernel)"),
+                Patch(facecolor="gray", alpha=0.35, label="per-channel vectors, partials"),
+                Line2D([], [], color="k", lw=1, label="minimum"),
+                Line2D([], [], color="red", ls="--", lw=1, label="PyTorch native CUDA")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+               bbox_to_anchor=(0.5, -0.04))
+    fig.suptitle(CPU_LABEL + " - tritonbn kernel traffic: single-pass vs split path",
+                 fontsize=10, color="darkred")
+    fig.tight_layout()
     _save(fig, out_dir, "cpu_traffic.png", files)
 
 
@@ -107,17 +118,22 @@ def _cpu_programs(summary, out_dir, files):
     fig, axes = plt.subplots(1, max(len(fams), 1), figsize=(7 * max(len(fams), 1), 4.4),
                              squeeze=False, sharey=True)
     names = [n for n, *_ in S.RESNET50_BN]
+    # Fixed colours across panels; a series shows where it has rows (fused: only the shapes
+    # the single-pass kernel takes).
+    series = [("NCHW", "stats/grad_stats"), ("NCHW", "apply"), ("NCHW", "fused"),
+              ("NHWC", "stats/grad_stats"), ("NHWC", "apply"), ("NHWC", "fused")]
     for ax, fam in zip(axes[0], fams):
-        series = [("NCHW", "stats/grad_stats"), ("NCHW", "apply"),
-                  ("NHWC", "stats/grad_stats"), ("NHWC", "apply")]
-        width = 0.2
-        for si, (layout, kernel) in enumerate(series):
+        rows = [g for g in grid if g["family"] == fam]
+        shown = [(si, s) for si, s in enumerate(series)
+                 if any((g["layout"], g["kernel"]) == s for g in rows)]
+        width = 0.8 / max(len(shown), 1)
+        for k, (si, (layout, kernel)) in enumerate(shown):
             ys = []
             for n in names:
-                g = next((g for g in grid if g["family"] == fam and g["name"] == n
-                          and g["layout"] == layout and g["kernel"] == kernel), None)
+                g = next((g for g in rows if g["name"] == n and g["layout"] == layout
+                          and g["kernel"] == kernel), None)
                 ys.append(g["programs_per_sm"] if g else 0)
-            ax.bar([i - 0.4 + width * (si + 0.5) for i in range(len(names))], ys, width,
+            ax.bar([i - 0.4 + width * (k + 0.5) for i in range(len(names))], ys, width,
                    label=f"{layout} {kernel}", color=f"C{si}")
         ax.axhline(1, color="k", lw=0.8, ls="--", label="1 program per SM")
         ax.set_yscale("log")

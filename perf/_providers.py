@@ -1,9 +1,13 @@
 """BatchNorm providers and the four measured phases.
 
-Providers: ``tritonbn`` (fixed default config, TRITONBN_AUTOTUNE=0), ``tritonbn_tuned``
-(autotuned, TRITONBN_AUTOTUNE=1), ``torch`` (eager: cuDNN or PyTorch's native kernels, as
-torch chooses), ``torch_compile`` (the same torch module through torch.compile / Inductor),
-``apex`` (apex.contrib.groupbn NHWC fp16, only when importable).
+Providers: ``tritonbn`` (fixed default config, TRITONBN_AUTOTUNE=0; the single-pass kernel
+serves the shapes it fits, TRITONBN_FUSED=1), ``tritonbn_tuned`` (the same, autotuned,
+TRITONBN_AUTOTUNE=1), ``tritonbn_split`` (fixed default config with the single-pass kernel
+off, TRITONBN_FUSED=0: the split path, statistics then apply, on every shape, so that the
+two paths can be compared on the shapes the single-pass kernel takes), ``torch`` (eager:
+cuDNN or PyTorch's native kernels, as torch chooses), ``torch_compile`` (the same torch
+module through torch.compile / Inductor), ``apex`` (apex.contrib.groupbn NHWC fp16, only
+when importable).
 Every provider is a module with fp32 parameters and running statistics (the AMP set-up).
 """
 from __future__ import annotations
@@ -20,19 +24,29 @@ import tritonbn
 TORCH_CLASSES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 
+# Environment tritonbn reads at every call, per tritonbn provider.
+TRITONBN_ENV = {
+    "tritonbn": {"TRITONBN_AUTOTUNE": "0", "TRITONBN_FUSED": "1"},
+    "tritonbn_tuned": {"TRITONBN_AUTOTUNE": "1", "TRITONBN_FUSED": "1"},
+    "tritonbn_split": {"TRITONBN_AUTOTUNE": "0", "TRITONBN_FUSED": "0"},
+}
+
+
 @contextlib.contextmanager
-def autotune_env(provider: str):
-    """tritonbn reads TRITONBN_AUTOTUNE at every call: set it for the provider."""
-    old = os.environ.get("TRITONBN_AUTOTUNE")
-    if provider.startswith("tritonbn"):
-        os.environ["TRITONBN_AUTOTUNE"] = "1" if provider == "tritonbn_tuned" else "0"
+def provider_env(provider: str):
+    """Sets the environment of a tritonbn provider (TRITONBN_ENV) and restores the previous
+    values on exit; other providers run in the environment as it is."""
+    env = TRITONBN_ENV.get(provider, {})
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("TRITONBN_AUTOTUNE", None)
-        else:
-            os.environ["TRITONBN_AUTOTUNE"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def init_module(m: nn.Module, seed: int = 0) -> nn.Module:

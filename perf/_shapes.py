@@ -88,10 +88,12 @@ def gpu_cases(quick: bool = False, autotune: str = "subset", compile_: bool = Tr
     """GPU-mode cases in priority order (the time budget cuts from the end).
 
     The whole of ResNet-50 at batch 256 in bf16 (the usual AMP dtype), fp32 and fp16 on four
-    of its layers, ResNet-50 at batch 32 in bf16, torch.compile on two layers (its compile
-    time is large), BatchNorm1d with large batches, BatchNorm3d video shapes, small C with
-    large spatial size, and last the autotuned tritonbn on one layer (first-call tuning
-    compiles and times every candidate config)."""
+    of its layers, ResNet-50 at batch 32 in bf16 (also with the split path, tritonbn_split:
+    the single-pass kernel takes its NCHW l3.* and l4.* layers, and the other layers, where
+    both run the split path, complete the whole-network sums), torch.compile on two layers
+    (its compile time is large), BatchNorm1d with large batches, BatchNorm3d video shapes,
+    small C with large spatial size, and last the autotuned tritonbn on one layer
+    (first-call tuning compiles and times every candidate config)."""
     if quick:
         cases = resnet50_cases(256, "bf16", layers=("l1.b", "l4.b"))
         cases += [Case("bn1d", "N=1M C=32", (1_000_000, 32), "NC", "bf16")]
@@ -99,7 +101,7 @@ def gpu_cases(quick: bool = False, autotune: str = "subset", compile_: bool = Tr
     cases = resnet50_cases(256, "bf16")
     for dt in ("fp32", "fp16"):
         cases += resnet50_cases(256, dt, layers=RESNET50_FEW)
-    cases += resnet50_cases(32, "bf16")
+    cases += resnet50_cases(32, "bf16", providers=("tritonbn", "tritonbn_split", "torch"))
     if compile_:
         cases += resnet50_cases(256, "bf16", layers=("l1.b", "l3.b"), providers=("torch_compile",))
     for n, c, dts in ((65_536, 256, ("bf16",)), (1_000_000, 32, ("bf16", "fp32")),

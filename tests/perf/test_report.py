@@ -41,13 +41,21 @@ def test_cpu_quick_report(tmp_path):
     assert s["kernels"] or s["kernels_error"]
     traffic = s["traffic"]
     assert {t["phase"] for t in traffic} == {"train_fwd", "bwd", "fwd_bwd", "eval_fwd"}
-    launches = {"train_fwd": 2, "eval_fwd": 1, "bwd": 2, "fwd_bwd": 4}
+    launches = {"split": {"train_fwd": 2, "eval_fwd": 1, "bwd": 2, "fwd_bwd": 4},
+                "single_pass": {"train_fwd": 1, "eval_fwd": 1, "bwd": 1, "fwd_bwd": 2}}
     for t in traffic:
-        for key in ("phase", "layout", "dtype", "bytes_per_element", "min_bytes_per_element",
-                    "launches"):
+        for key in ("provider", "path", "phase", "layout", "dtype", "bytes_per_element",
+                    "min_bytes_per_element", "launches"):
             assert key in t, key
         assert t["bytes_per_element"] >= t["min_bytes_per_element"]
-        assert t["launches"] == launches[t["phase"]]
+        assert t["launches"] == launches[t["path"]][t["phase"]], t
+        if t["path"] == "single_pass":
+            assert t["provider"] == "tritonbn"
+            # the minimum, plus x[0, c] per channel read as a numerical shift
+            assert t["bytes_per_element"] - t["min_bytes_per_element"] < 0.1, t
+    paths = {(t["provider"], t["path"]) for t in traffic}
+    assert {("tritonbn", "single_pass"), ("tritonbn", "split"),
+            ("tritonbn_split", "split")} <= paths, paths
     for k in s["kernels"]:
         for key in ("kernel", "config", "arch", "registers", "spill_bytes", "load_bits"):
             assert key in k
@@ -83,7 +91,8 @@ def test_gpu_pipeline_on_cpu(tmp_path, monkeypatch):
                                                           l2_bytes=1 << 20))
     monkeypatch.setattr(_gpu, "copy_bandwidth", lambda: dict(bytes=0, ms=1.0, gbps=1.0))
     monkeypatch.setattr(_gpu, "host_overhead", lambda n: [])
-    cases = [S.Case("resnet50_b32", n, (2, 4, 3, 3), layout, "fp32", count)
+    cases = [S.Case("resnet50_b32", n, (2, 4, 3, 3), layout, "fp32", count,
+                    ("tritonbn", "tritonbn_split", "torch"))
              for layout in ("NCHW", "NHWC") for n, _, _, count in S.RESNET50_BN]
     cases.append(S.Case("bn1d", "tiny", (16, 4), "NC", "bf16"))
     monkeypatch.setattr(_gpu.S, "gpu_cases", lambda *a: cases)
@@ -93,11 +102,13 @@ def test_gpu_pipeline_on_cpu(tmp_path, monkeypatch):
     summary = _gpu.run(opts, lambda m: None)
     rows = summary["rows"]
     assert not [r for r in rows if r.get("error")], [r["error"] for r in rows if r.get("error")]
-    assert len(rows) == len(cases) * 2 * 4
+    assert len(rows) == sum(len(c.providers) for c in cases) * 4
     t = [r for r in rows if r["provider"] == "tritonbn"]
     assert all(r["ms"] > 0 and "speedup_vs_torch" in r for r in t)
+    assert all("speedup_vs_tritonbn_split" in r for r in t if r["family"] == "resnet50_b32")
+    assert any(r["provider"] == "tritonbn_split" and r["ms"] > 0 for r in rows)
     assert all(r["max_rel_err_vs_fp64"] < 1e-2 for r in rows if r["phase"] == "train_fwd")
-    assert len(summary["network_sums"]) == 2 * 4 * 2  # layouts x phases x providers
+    assert len(summary["network_sums"]) == 2 * 4 * 3  # layouts x phases x providers
     n, names = _gpu._profile(lambda: torch.ones(3) + 1)  # profiler plumbing (no GPU work)
     assert n == len(names)
     summary.update(date="test", versions={}, command="test", wall_s=0)
