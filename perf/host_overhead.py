@@ -49,12 +49,15 @@ def main() -> None:
     ours, ref = tritonbn.BatchNorm2d(64), torch.nn.BatchNorm2d(64)
     print("CPU-side host time per call, input 2x64x4x4 "
           "(tritonbn: kernels stubbed out; torch: computing on CPU)")
-    for mode in ("train", "eval"):
+    # Training records autograd; evaluation runs under no_grad as inference does, and with
+    # autograd on (parameters requiring grad), as in a validation loop without no_grad.
+    for mode, grad in (("train", True), ("eval", False), ("eval", True)):
         ours.train(mode == "train")
         ref.train(mode == "train")
-        print(f"  {mode:5s}  tritonbn {per_call_us(ours, x, calls):6.1f} us   "
-              f"torch {per_call_us(ref, x, calls):6.1f} us")
-
+        with torch.set_grad_enabled(grad):
+            label = f"{mode}, {'autograd' if grad else 'no_grad'}"
+            print(f"  {label:15s} tritonbn {per_call_us(ours, x, calls):6.1f} us   "
+                  f"torch {per_call_us(ref, x, calls):6.1f} us")
 
 if __name__ == "__main__":
     main()

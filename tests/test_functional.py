@@ -336,3 +336,25 @@ def test_float64_falls_back_to_torch(monkeypatch):
     assert torch.equal(y, y_torch) and torch.equal(rm, rm2) and torch.equal(rv, rv2)
     m = tritonbn.BatchNorm1d(4, dtype=torch.float64, device=DEVICE)
     assert torch.equal(m(x), torch.nn.BatchNorm1d(4, dtype=torch.float64, device=DEVICE)(x))
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "no_requires_grad"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_without_autograd_same_results(context, training):
+    """Without a gradient to record, the eager path calls the implementations directly
+    (no autograd node): the output, and the running statistics it updates, must be the
+    bits the autograd path gives."""
+    x = make_tensor((3, 5, 6, 7))
+    w, b, rm, rv = make_params(5)
+    rm2, rv2 = rm.clone(), rv.clone()
+    ref = tritonbn.batch_norm(x.requires_grad_(), rm, rv, w, b, training, 0.1, 1e-5)
+    assert ref.grad_fn is not None
+    x = x.detach()
+    if context == "no_requires_grad":
+        got = tritonbn.batch_norm(x, rm2, rv2, w.detach(), b.detach(), training, 0.1, 1e-5)
+    else:
+        with torch.no_grad() if context == "no_grad" else torch.inference_mode():
+            got = tritonbn.batch_norm(x, rm2, rv2, w, b, training, 0.1, 1e-5)
+    assert got.grad_fn is None and not got.requires_grad
+    assert torch.equal(got, ref.detach())
+    assert torch.equal(rm2, rm) and torch.equal(rv2, rv)
