@@ -22,20 +22,24 @@ PY="${PYTHON:-python3}"
   "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$OUT/gpu_run.log"
 
-echo "== pytest, 3 shards in parallel ($(date -Is))" | tee -a "$OUT/gpu_run.log"
+echo "== pytest, 5 shards in parallel ($(date -Is))" | tee -a "$OUT/gpu_run.log"
 # Most of the GPU test time is Triton compiling kernels on the CPU, one at a time per
-# process: three pytest processes (sharing the GPU and the compile cache) use more cores.
+# process: five pytest processes (sharing the GPU and the compile cache) use more cores.
+# The every-config tests compile ~300 kernels per kernel path: they get shards of their own.
 run_shard() {  # name, pytest arguments...
   local name=$1; shift
   timeout -k 15 "${TEST_TIMEOUT_S:-300}" "$PY" -m pytest -q "$@" > "$OUT/pytest_$name.log" 2>&1
   echo $? > "$OUT/.rc_$name"
 }
-run_shard kernels tests/kernels &
+run_shard kernels tests/kernels -k "not fused_every_config" &
+run_shard fused_configs tests/kernels -k "fused_every_config" &
 run_shard ops_perf tests/ops tests/perf &
-run_shard parity tests --ignore=tests/kernels --ignore=tests/ops --ignore=tests/perf &
+run_shard functional tests/test_functional.py &
+run_shard parity tests --ignore=tests/kernels --ignore=tests/ops --ignore=tests/perf \
+  --ignore=tests/test_functional.py &
 wait
 TEST_RC=0
-for name in kernels ops_perf parity; do
+for name in kernels fused_configs ops_perf functional parity; do
   rc=$(cat "$OUT/.rc_$name" 2>/dev/null || echo 99); rm -f "$OUT/.rc_$name"
   echo "== pytest[$name] exit code $rc: $(tail -n 1 "$OUT/pytest_$name.log")" | tee -a "$OUT/gpu_run.log"
   [ "$rc" = 0 ] || TEST_RC=$rc
