@@ -47,6 +47,29 @@ def test_autotuned_configs_are_correct(monkeypatch, shape, dtype, layout):
         check_call(tritonbn.batch_norm, call)
 
 
+@pytest.mark.parametrize("shape,dtype", [
+    ((32, 2048, 7, 7), torch.bfloat16),   # ResNet-50 l4.b at batch 32: tile 32x64xBLOCK_C
+    ((32, 256, 14, 14), torch.float32),   # 32 x 256 = 8192 lanes, the largest tile
+    ((512, 1024), torch.float16),         # BatchNorm1d, channels contiguous
+], ids=["l4b_bf16", "l3a_fp32_limit", "1d_fp16"])
+@pytest.mark.parametrize("autotune", ["0", "1"])
+def test_single_pass_kernel_real_shapes(monkeypatch, shape, dtype, autotune):
+    """The single-pass kernel on the shapes it exists for, with the default and the autotuned
+    configs: it must be the kernel that runs, and match the reference."""
+    import tritonbn.kernels.launch as launch
+
+    monkeypatch.setenv("TRITONBN_AUTOTUNE", autotune)
+    names = []
+    real = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda name, *a, **k: (names.append(name),
+                                                                  real(name, *a, **k))[1])
+    w, b, rm, rv = make_params(shape[1])
+    call = Call(make_tensor(shape, dtype), w, b, rm, rv, True, 0.1, 1e-5,
+                make_tensor(shape, dtype))
+    check_call(tritonbn.batch_norm, call)
+    assert names and set(names) == {"bn_fused_kernel"}, names
+
+
 def _check_per_channel(x, dy, w, b, rm0, rv0, y, grads, rm, rv, momentum, eps):
     """float64 reference computed one channel at a time (a whole float64 copy of a 2^31
     tensor would be 17 GB per temporary)."""
