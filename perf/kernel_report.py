@@ -26,6 +26,10 @@ Per kernel, config, arch, layout and dtype it reports:
 Bulk accesses are told apart from per-channel ones (mean, weight, partials ...) by a taint
 analysis of the ptx: every address is traced back to the kernel parameter it derives from.
 
+Rows named "variant:..." compile the other constexpr branches once each (FLAG_VARIANTS:
+eval mode, absent weight/bias/outputs, momentum=None, int64 offsets, no unit-stride axis),
+in quick mode too: a branch the tests only ever interpret must still compile for a GPU.
+
 WAVES (the split factor of the reductions) is a host-side knob: it is not used in the
 kernel body, so configs differing only in WAVES share one binary (compiled once, reported
 once per config).
@@ -78,6 +82,27 @@ BULK_STORES = {"bn_stats_kernel": (), "bn_grad_stats_kernel": (),
 FUSED_KERNELS = ("bn_fused_kernel[fwd]", "bn_fused_kernel[bwd]")
 FUSED_CHANNELS = 256
 QUICK_FUSED = ((1, 4), (16, 8))  # (BLOCK_C, num_warps) compiled by --quick
+# Flag variants: the rows above compile each kernel in the mode its launcher uses for a
+# training step; these compile, once each (default config, sm_90, bf16, NCHW), the other
+# constexpr branches the launchers can take: eval mode, absent weight / bias / running
+# statistics / outputs, momentum=None, 64-bit offsets, and no unit-stride axis (CONTIG=0,
+# e.g. a strided slice). The interpreter runs them all in the tests but does not compile
+# them; a branch that fails to compile for a GPU would otherwise go unseen.
+_EVERY_KERNEL_VARIANTS = [dict(INT64=True), dict(CONTIG=0, VEC=1)]
+FLAG_VARIANTS = {label: variants + _EVERY_KERNEL_VARIANTS for label, variants in {
+    "bn_stats_kernel": [dict(UPDATE_RUNNING=False), dict(CUMULATIVE=True)],
+    "bn_grad_stats_kernel": [dict(STAT_IS_VAR=True, WRITE_COEF=False),
+                             dict(HAS_GRAD_WEIGHT=False), dict(HAS_GRAD_BIAS=False)],
+    "bn_apply_kernel[fwd]": [dict(STAT_IS_VAR=True), dict(HAS_WEIGHT=False, HAS_BIAS=False)],
+    "bn_apply_kernel[bwd]": [dict(BATCH_STATS=False, STAT_IS_VAR=True),
+                             dict(HAS_WEIGHT=False)],
+    "bn_fused_kernel[fwd]": [dict(HAS_WEIGHT=False, HAS_BIAS=False),
+                             dict(UPDATE_RUNNING=False), dict(CUMULATIVE=True)],
+    "bn_fused_kernel[bwd]": [dict(STAT_IS_VAR=True),
+                             dict(STAT_IS_VAR=True, HAS_GRAD_WEIGHT=False),
+                             dict(HAS_GRAD_WEIGHT=False, HAS_GRAD_BIAS=False),
+                             dict(WRITE_OUT=False), dict(HAS_WEIGHT=False)],
+}.items()}
 LAYOUTS = ("nchw", "channels_last")
 ARCHS = (90, 80)
 DTYPES = ("fp32", "bf16")
@@ -437,8 +462,9 @@ def analyse_ptx(ptx: str, param_names: list[str], pointer_names: set[str],
 
 # --------------------------------------------------------------------------- driver
 
-def _jobs(quick: bool, archs, dtypes, shape=SHAPE) -> list[dict]:
-    """Compile jobs (one per distinct binary) and the report rows each one stands for."""
+def _jobs(quick: bool, archs, dtypes, shape=SHAPE, variants: bool = True) -> list[dict]:
+    """Compile jobs (one per distinct binary) and the report rows each one stands for;
+    ``variants``: with the FLAG_VARIANTS compile checks."""
     from tritonbn.kernels import configs
     from tritonbn.kernels.tiles import CONTIG_CHANNEL, CONTIG_INNER
     contig = {"nchw": CONTIG_INNER, "channels_last": CONTIG_CHANNEL}
@@ -479,7 +505,7 @@ def _jobs(quick: bool, archs, dtypes, shape=SHAPE) -> list[dict]:
         jobs.append(dict(kernel=label, layout=layout, dtype=dtype, arch=arch, shape=shape,
                          kwargs=cfg, num_warps=warps, num_stages=stages, row=row,
                          rows=[row]))
-    return jobs + _fused_jobs(quick, archs, dtypes)
+    return jobs + _fused_jobs(quick, archs, dtypes) + (_variant_jobs() if variants else [])
 
 
 def _fused_shape(block_c: int, num_warps: int, layout: str):
@@ -519,6 +545,31 @@ def _fused_jobs(quick: bool, archs, dtypes) -> list[dict]:
                              shape=shape, kwargs=dict(cfg.kwargs), num_warps=warps,
                              num_stages=cfg.num_stages, row=row, rows=[row]))
     return jobs
+
+
+def _variant_jobs() -> list[dict]:
+    """One compile per FLAG_VARIANTS entry, on top of the label's default-config job
+    (sm_90, bf16, NCHW); rows named "variant:FLAG=value,...", not eligible (they are
+    compile checks, and CONTIG=0 cannot be 128-bit)."""
+    base = {j["kernel"]: j for j in _jobs_for_variants()}
+    jobs = []
+    for label, variants in FLAG_VARIANTS.items():
+        job = base[label]
+        for flags in variants:
+            name = "variant:" + ",".join(f"{k}={v}" for k, v in flags.items())
+            row = dict(job["row"], config=name, eligible=False)
+            jobs.append(dict(job, kwargs=dict(job["kwargs"], **flags), row=row, rows=[row]))
+    return jobs
+
+
+def _jobs_for_variants() -> list[dict]:
+    """The default-config job of every split-path label and the quick (BLOCK_C=1) job of
+    the single-pass labels, on sm_90 / bf16 / NCHW: the bases of the flag variants."""
+    split = [j for j in _jobs(True, (90,), ("bf16",), SHAPE, variants=False)
+             if j["row"]["config"].startswith("default:") and j["layout"] == "nchw"]
+    fused = [j for j in _fused_jobs(True, (90,), ("bf16",))
+             if j["layout"] == "nchw" and j["kwargs"]["BLOCK_C"] == 1]
+    return split + fused
 
 
 def _expand(job: dict, result: dict) -> list[dict]:

@@ -1,8 +1,9 @@
 """perf/kernel_report.py: the compiled-kernel report (AOT compile, no GPU needed).
 
 Runs the report on its quick subset (two tiles per kernel and the default configs, sm_90,
-fp32 and bf16, NCHW and channels_last) and checks its outputs and targets: everything
-compiles, nothing spills, the bulk loads/stores of every eligible config are 128-bit.
+fp32 and bf16, NCHW and channels_last, plus the flag variants: every other constexpr branch
+once) and checks its outputs and targets: everything compiles, nothing spills, the bulk
+loads/stores of every eligible config are 128-bit.
 """
 from __future__ import annotations
 
@@ -48,8 +49,21 @@ def test_outputs_exist(quick_report):
     # Two tiles per kernel (x2 WAVES for the reductions) + the default config, per
     # (layout, dtype); the single-pass kernel's two quick configs in 2 modes, one of them
     # (BLOCK_C = 1) in NCHW only.
-    assert len(rows) == (4 + 4 + 2 + 2 + 4) * 2 * 2 + 2 * 3 * 2
+    variants = sum(len(v) for v in kernel_report.FLAG_VARIANTS.values())
+    assert len(rows) == (4 + 4 + 2 + 2 + 4) * 2 * 2 + 2 * 3 * 2 + variants
     assert sum(r["config"].startswith("default:") for r in rows) == 4 * 2 * 2
+
+
+def test_flag_variants_compile(quick_report):
+    """Every constexpr branch the launchers can take compiles for sm_90 (the interpreter
+    would not notice one that does not), also in quick mode."""
+    _, _, rows = quick_report
+    seen = {(r["kernel"], r["config"]) for r in rows if r["config"].startswith("variant:")}
+    for label, variants in kernel_report.FLAG_VARIANTS.items():
+        for flags in variants:
+            name = "variant:" + ",".join(f"{k}={v}" for k, v in flags.items())
+            assert (label, name) in seen
+    assert not [r for r in rows if r["config"].startswith("variant:") and r["error"]]
 
 
 def test_compiles_without_spills(quick_report):
@@ -67,6 +81,8 @@ def test_compiles_without_spills(quick_report):
 def test_bulk_accesses_are_128_bit(quick_report):
     _, _, rows = quick_report
     for r in rows:
+        if r["config"].startswith("variant:"):
+            continue  # compile checks (CONTIG=0 cannot be 128-bit)
         assert r["eligible"] == "True", r  # quick tiles are usable in both layouts
         assert r["vec128"] == "True", r
         assert int(r["load_bits"]) == 128 and int(r["n_bulk_loads"]) > 0
