@@ -358,3 +358,39 @@ def test_without_autograd_same_results(context, training):
     assert got.grad_fn is None and not got.requires_grad
     assert torch.equal(got, ref.detach())
     assert torch.equal(rm2, rm) and torch.equal(rv2, rv)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_double_backward_matches_torch(training, affine):
+    """create_graph=True, as in a gradient penalty: the first-order gradients must carry a
+    graph, and the second-order gradients through BatchNorm must match torch's BatchNorm
+    in float64 (the kernels' gradients are not differentiable: ops.differentiable_backward
+    takes over)."""
+    x, dy = make_tensor((6, 4, 3, 5)), make_tensor((6, 4, 3, 5))
+    w, b, rm, rv = make_params(4)
+
+    def penalty(fn, dtype):
+        leaves = [x.to(dtype).requires_grad_()]
+        if affine:
+            leaves += [w.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()]
+        params = leaves[1:] if affine else [None, None]
+        y = fn(leaves[0], rm.to(dtype), rv.to(dtype), *params, training, 0.1, 1e-5)
+        first = torch.autograd.grad((y * dy.to(dtype)).sum(), leaves, create_graph=True)
+        graphs = [g.requires_grad for g in first]
+        gp = sum((g ** 2).sum() for g in first)
+        # eval without weight: dx = dy * invstd depends on no leaf, so there is no graph
+        # (torch's own gradients say requires_grad regardless; only the values compare).
+        second = (torch.autograd.grad(gp, leaves, allow_unused=True) if gp.requires_grad
+                  else [None] * len(leaves))
+        second = [torch.zeros_like(t) if s is None else s for s, t in zip(second, leaves)]
+        return graphs, [t.detach().double() for t in (*first, *second)]
+
+    got_graphs, got = penalty(tritonbn.batch_norm, torch.float32)
+    _, ref = penalty(torch.nn.functional.batch_norm, torch.float64)
+    # dx depends on x through the batch statistics, and on the weight when there is one.
+    assert got_graphs[0] == (training or affine)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        # fp32 values of terms up to |ref|: a few ulps of the largest, relative to it.
+        bound = 1e-5 * (r.abs().max() + 1e-3)
+        assert (g - r).abs().max() <= bound, (i, (g - r).abs().max().item(), bound.item())

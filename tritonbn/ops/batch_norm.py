@@ -170,10 +170,48 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def differentiable_backward(grad_output, input, weight, mean, stat, batch_stats, eps,
+                            grad_input_mask):
+    """The backward of batch_norm_apply written with torch operations, so that autograd can
+    differentiate it again (double backward: ``create_graph=True``, e.g. a gradient penalty).
+    The kernels' gradients carry no graph: returned as they are, the second-order terms
+    through BatchNorm would silently be missing. fp32 math as in the kernels; with batch
+    statistics, mean and invstd are recomputed from ``input`` so that their own dependence
+    on it is differentiated too.
+
+        xhat = (x - mean) * invstd,  grad_bias = sum(dy),  grad_weight = sum(dy * xhat)
+        training: dx = weight * invstd * (dy - grad_bias / M - xhat * grad_weight / M)
+        eval:     dx = weight * invstd * dy"""
+    C = input.shape[1]
+    dims = [0] + list(range(2, input.dim()))
+    shape = [1, C] + [1] * (input.dim() - 2)
+    x, dy = input.float(), grad_output.float()
+    if batch_stats:
+        mean = x.mean(dims, keepdim=True)
+        invstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    else:
+        mean = mean.float().view(shape)
+        invstd = torch.rsqrt(stat.float().view(shape) + eps)
+    xhat = (x - mean) * invstd
+    grad_bias = dy.sum(dims)
+    grad_weight = (dy * xhat).sum(dims)
+    scale = invstd if weight is None else invstd * weight.float().view(shape)
+    if batch_stats:
+        inv_m = 1.0 / (input.numel() // C)
+        dy = dy - grad_bias.view(shape) * inv_m - xhat * (grad_weight.view(shape) * inv_m)
+    param_dtype = input.dtype if weight is None else weight.dtype
+    want_input, want_weight, want_bias = grad_input_mask
+    return (dy.mul(scale).to(input.dtype) if want_input else None,
+            grad_weight.to(param_dtype) if want_weight else None,
+            grad_bias.to(param_dtype) if want_bias else None)
+
+
 def _backward(ctx, grad_output, backward_fn=None):
     input, weight, mean, stat = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2]]
+    if torch.is_grad_enabled() and input.numel() != 0:
+        backward_fn = differentiable_backward  # create_graph=True: see its docstring
     backward_fn = backward_fn or torch.ops.tritonbn.batch_norm_backward
     grad_input, grad_weight, grad_bias = backward_fn(
         grad_output, input, weight, mean, stat, ctx.batch_stats, ctx.eps, mask)
