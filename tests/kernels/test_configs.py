@@ -585,3 +585,13 @@ def test_fused_fits_prune_and_default(shape, layout, fits):
             cfg = configs.fused_default_config(geom, target, interpreted)
             assert configs.fused_config_fits(cfg["BLOCK_C"], cfg["num_warps"], bo, bi,
                                              geom.channels, geom.contig, target), cfg
+
+
+def test_counters_reused_per_device_and_grown(device):
+    """One counter buffer per device (and CUDA stream), reused across calls, replaced by a
+    larger zeroed one when a launch needs more channel blocks than it holds."""
+    a = launch.counters.get(torch.device(device), 8)
+    assert launch.counters.get(torch.device(device), 8) is a
+    big = launch.counters.get(torch.device(device), a.numel() + 1)
+    assert big.numel() > a.numel() and int(big.count_nonzero()) == 0
+    assert launch.counters.get(torch.device(device), 8) is big

@@ -194,16 +194,21 @@ def _launch(name: str, geom: Geometry, device: torch.device, elem_size: int, arg
 
 
 class _Counters:
-    """Per-device int32 arrival counters, zeroed once and re-zeroed by the kernels."""
+    """int32 arrival counters per device and CUDA stream, zeroed once and re-zeroed by the
+    kernels. Per stream: two reductions running concurrently on different streams must not
+    count into the same slots (each would miss its "last program" and never finalize);
+    reductions on one stream run one after another and can share them."""
 
     def __init__(self):
-        self._buffers: dict[torch.device, torch.Tensor] = {}
+        self._buffers: dict[tuple, torch.Tensor] = {}
 
     def get(self, device: torch.device, n: int) -> torch.Tensor:
-        buf = self._buffers.get(device)
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+        key = (device, stream)
+        buf = self._buffers.get(key)
         if buf is None or buf.numel() < n:
             buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-            self._buffers[device] = buf
+            self._buffers[key] = buf
         return buf
 
 
