@@ -48,3 +48,20 @@ def kernel_path(request, monkeypatch) -> str:
     every shape), so both kernel paths meet the same checks."""
     monkeypatch.setenv("TRITONBN_FUSED", "1" if request.param == "single_pass" else "0")
     return request.param
+
+
+@pytest.fixture
+def kernel_launches(monkeypatch) -> dict:
+    """Counts kernel launches by kernel name (launch._launch), for tests that check which
+    kernels ran."""
+    import tritonbn.kernels.launch as launch
+
+    counts: dict[str, int] = {}
+    real = launch._launch
+
+    def counting(name, *args, **kwargs):
+        counts[name] = counts.get(name, 0) + 1
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(launch, "_launch", counting)
+    return counts

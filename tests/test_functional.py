@@ -239,27 +239,18 @@ def test_inputs_never_modified(mode, dtype):
 # --- the kernels really ran --------------------------------------------------------------------
 
 @pytest.fixture
-def launches(monkeypatch):
-    """Counts kernel launches by kernel name, and makes every torch BatchNorm entry point
-    raise, so a silent fallback to torch cannot pass for the kernels."""
-    import tritonbn.kernels.launch as launch
-
-    counts: dict[str, int] = {}
-    real = launch._launch
-
-    def counting(name, *args, **kwargs):
-        counts[name] = counts.get(name, 0) + 1
-        return real(name, *args, **kwargs)
-
+def launches(monkeypatch, kernel_launches):
+    """Counts kernel launches by kernel name (conftest.kernel_launches), and makes every
+    torch BatchNorm entry point raise, so a silent fallback to torch cannot pass for the
+    kernels."""
     def forbidden(*args, **kwargs):
         raise AssertionError("torch's batch_norm was called: the kernels did not run")
 
-    monkeypatch.setattr(launch, "_launch", counting)
     for owner, attr in ((torch.nn.functional, "batch_norm"), (torch, "batch_norm"),
                         (torch, "native_batch_norm"), (torch, "_native_batch_norm_legit")):
         if hasattr(owner, attr):
             monkeypatch.setattr(owner, attr, forbidden)
-    return counts
+    return kernel_launches
 
 
 STATS, APPLY, GRAD_STATS = "bn_stats_kernel", "bn_apply_kernel", "bn_grad_stats_kernel"

@@ -35,6 +35,14 @@ LAYOUTS = [
 ]
 
 
+def _saved_stats(x, training, device):
+    """(mean, stat) as batch_norm_apply / batch_norm_backward receive them: the batch
+    statistics in training, running statistics in eval."""
+    if training:
+        return ops.batch_norm_stats(x.detach(), None, None, None, 0.1, EPS)
+    return _running(device, x.shape[1])
+
+
 def _check(op, args):
     result = opcheck(op, args)
     assert all(v == "SUCCESS" for v in result.values()), result
@@ -83,10 +91,7 @@ def test_opcheck_batch_norm_apply(device, layout, training, affine):
     x = _input(device, shape, dtype, cl, requires_grad=True)
     w = torch.randn(C, device=device, requires_grad=True) if affine else None
     b = torch.randn(C, device=device, requires_grad=True) if affine else None
-    if training:
-        mean, stat = ops.batch_norm_stats(x.detach(), None, None, None, 0.1, EPS)
-    else:
-        mean, stat = _running(device, C)
+    mean, stat = _saved_stats(x, training, device)
     _check(ops.batch_norm_apply.default, (x, w, b, mean, stat, training, EPS))
 
 
@@ -115,10 +120,7 @@ def test_opcheck_batch_norm_backward(device, layout, training, mask):
     x = _input(device, shape, dtype, cl)
     dy = _input(device, shape, dtype, cl)
     w = torch.randn(C, device=device)
-    if training:
-        mean, stat = ops.batch_norm_stats(x, None, None, None, 0.1, EPS)
-    else:
-        mean, stat = _running(device, C)
+    mean, stat = _saved_stats(x, training, device)
     _check(ops.batch_norm_backward.default, (dy, x, w, mean, stat, training, EPS, mask))
 
 

@@ -228,6 +228,38 @@ def _vec(t):
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
+def _running_update(running_mean, running_var, num_batches_tracked, momentum, device):
+    """Kernel arguments of the in-place running-statistics update: (dense running_mean,
+    dense running_var), the pointers (run_mean, run_var, num_batches_tracked), the momentum
+    float and the flags. A strided buffer is updated as a dense copy of its C values, which
+    _write_back then copies into the view."""
+    update = running_mean is not None
+    cumulative = update and momentum is None
+    dummy = _dummy(device)
+    dense = (_vec(running_mean), _vec(running_var))
+    ptrs = (dense[0] if update else dummy, dense[1] if update else dummy,
+            num_batches_tracked if cumulative else dummy)
+    return (dense, ptrs, 0.0 if momentum is None else float(momentum),
+            dict(UPDATE_RUNNING=update, CUMULATIVE=cumulative))
+
+
+def _write_back(running, dense) -> None:
+    """Copy the dense copies made by _running_update back into strided running buffers."""
+    for view, copy in zip(running, dense):
+        if copy is not view:
+            view.copy_(copy)
+
+
+def _slot_strides(geom: Geometry, has_dy: bool, has_out: bool) -> tuple:
+    """Strides for the kernels' (x, dy, out) slots from a geometry built over x, then dy and
+    out when present; an absent operand's slot repeats x's strides (never read)."""
+    it = iter(geom.strides)
+    x = next(it)
+    dy = next(it) if has_dy else x
+    out = next(it) if has_out else x
+    return x + dy + out
+
+
 def _workspace(geom: Geometry, device: torch.device, elem_size: int, rows: int):
     """fp32 partials [rows, splits, C] and counters sized for every candidate config."""
     splits = _max_splits(geom, device, elem_size, autotune_enabled())
@@ -242,35 +274,24 @@ def launch_stats(x, geom, running_mean, running_var, num_batches_tracked, moment
     mean = torch.empty(C, dtype=torch.float32, device=device)
     invstd = torch.empty(C, dtype=torch.float32, device=device)
     partials, counter = _workspace(geom, device, x.element_size(), 3)
-    update = running_mean is not None
-    cumulative = update and momentum is None
-    dummy = _dummy(device)
-    # Strided running statistics: update dense copies, then write them back through the view.
-    run_mean, run_var = _vec(running_mean), _vec(running_var)
-    args = (x, partials, counter, mean, invstd,
-            run_mean if update else dummy, run_var if update else dummy,
-            num_batches_tracked if cumulative else dummy,
-            0.0 if momentum is None else float(momentum), float(eps),
-            *geom.sizes)
+    dense, run_ptrs, momentum, run_flags = _running_update(
+        running_mean, running_var, num_batches_tracked, momentum, device)
+    args = (x, partials, counter, mean, invstd, *run_ptrs, momentum, float(eps), *geom.sizes)
     _launch("bn_stats_kernel", geom, device, x.element_size(), args + geom.strides[0],
-            dict(UPDATE_RUNNING=update, CUMULATIVE=cumulative))
-    if run_mean is not running_mean:
-        running_mean.copy_(run_mean)
-    if run_var is not running_var:
-        running_var.copy_(run_var)
+            run_flags)
+    _write_back((running_mean, running_var), dense)
     return mean, invstd
 
 
 def launch_apply(x, dy, out, mean, stat, weight, bias, coef, eps, *, stat_is_var, backward):
     """y (forward) or grad_input (backward) into ``out``."""
     geom = make_geometry(*((x, dy, out) if backward else (x, out)))
-    strides = geom.strides if backward else (geom.strides[0], geom.strides[0], geom.strides[1])
     dummy = _dummy(x.device)
     args = (x, dy if backward else dummy, out, _vec(mean), _vec(stat),
             dummy if weight is None else _vec(weight), dummy if bias is None else _vec(bias),
             dummy if coef is None else coef, float(eps), *geom.sizes)
     _launch("bn_apply_kernel", geom, x.device, x.element_size(),
-            args + strides[0] + strides[1] + strides[2],
+            args + _slot_strides(geom, backward, True),
             dict(STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
                  HAS_BIAS=bias is not None, BACKWARD=backward, BATCH_STATS=coef is not None))
     return out
@@ -304,26 +325,19 @@ def launch_fused_forward(x, out, geom, weight, bias, running_mean, running_var,
     updates running stats in place."""
     device = x.device
     mean, invstd = torch.empty((2, geom.channels), dtype=torch.float32, device=device).unbind()
-    update = running_mean is not None
-    cumulative = update and momentum is None
     dummy = _dummy(device)
-    run_mean, run_var = _vec(running_mean), _vec(running_var)
+    dense, run_ptrs, momentum, run_flags = _running_update(
+        running_mean, running_var, num_batches_tracked, momentum, device)
     args = (x, dummy, out, mean, invstd,
             dummy if weight is None else _vec(weight), dummy if bias is None else _vec(bias),
-            run_mean if update else dummy, run_var if update else dummy,
-            num_batches_tracked if cumulative else dummy, dummy, dummy,
-            0.0 if momentum is None else float(momentum), float(eps),
-            1.0 / geom.reduction_size, *geom.sizes)
-    x_strides, out_strides = geom.strides
+            *run_ptrs, dummy, dummy, momentum, float(eps), 1.0 / geom.reduction_size,
+            *geom.sizes)
     _launch("bn_fused_kernel", geom, device, x.element_size(),
-            args + x_strides + x_strides + out_strides,
+            args + _slot_strides(geom, False, True),
             dict(BACKWARD=False, STAT_IS_VAR=False, HAS_WEIGHT=weight is not None,
-                 HAS_BIAS=bias is not None, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
-                 HAS_GRAD_WEIGHT=False, HAS_GRAD_BIAS=False, WRITE_OUT=True))
-    if run_mean is not running_mean:
-        running_mean.copy_(run_mean)
-    if run_var is not running_var:
-        running_var.copy_(run_var)
+                 HAS_BIAS=bias is not None, HAS_GRAD_WEIGHT=False, HAS_GRAD_BIAS=False,
+                 WRITE_OUT=True, **run_flags))
+    _write_back((running_mean, running_var), dense)
     return mean, invstd
 
 
@@ -339,9 +353,8 @@ def launch_fused_backward(x, dy, grad_input, mean, stat, weight, eps, *, stat_is
             dummy if grad_weight is None else grad_weight,
             dummy if grad_bias is None else grad_bias,
             0.0, float(eps), 1.0 / geom.reduction_size, *geom.sizes)
-    strides = geom.strides + (geom.strides[0],) * (3 - len(geom.strides))
     _launch("bn_fused_kernel", geom, device, x.element_size(),
-            args + strides[0] + strides[1] + strides[2],
+            args + _slot_strides(geom, True, grad_input is not None),
             dict(BACKWARD=True, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
                  HAS_BIAS=False, UPDATE_RUNNING=False, CUMULATIVE=False,
                  HAS_GRAD_WEIGHT=grad_weight is not None, HAS_GRAD_BIAS=grad_bias is not None,
