@@ -87,21 +87,24 @@ class TrafficCounter:
         orig_call = I.GridExecutor.__call__
         orig_grid = builder_cls.set_grid_dim
 
-        def load(b, ptrs, mask, other, cache_policy, is_volatile):
+        # The hooks pass every further argument through untouched: their number changed
+        # between Triton releases (3.6 has cache_modifier and eviction_policy where 3.9 has
+        # one cache_policy), and only the pointers and the mask matter here.
+        def load(b, ptrs, mask, *rest):
             counter._count(ptrs, mask, "load")
-            return orig_load(b, ptrs, mask, other, cache_policy, is_volatile)
+            return orig_load(b, ptrs, mask, *rest)
 
-        def store(b, ptrs, value, mask, cache_policy):
+        def store(b, ptrs, value, mask, *rest):
             counter._count(ptrs, mask, "store")
-            return orig_store(b, ptrs, value, mask, cache_policy)
+            return orig_store(b, ptrs, value, mask, *rest)
 
-        def rmw(b, rmwOp, ptr, val, mask, sem, scope):
+        def rmw(b, rmwOp, ptr, val, mask, *rest):
             counter._count(ptr, mask, "atomic")
-            return orig_rmw(b, rmwOp, ptr, val, mask, sem, scope)
+            return orig_rmw(b, rmwOp, ptr, val, mask, *rest)
 
-        def cas(b, ptr, cmp, val, sem, scope):
+        def cas(b, ptr, *rest):
             counter._count(ptr, None, "atomic")
-            return orig_cas(b, ptr, cmp, val, sem, scope)
+            return orig_cas(b, ptr, *rest)
 
         def set_grid_dim(b, nx, ny, nz):
             counter.launches.append((counter._kernel, (nx, ny, nz)))
