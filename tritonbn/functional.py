@@ -16,6 +16,12 @@ from .ops import batch_norm as _ops  # noqa: F401  (registers torch.ops.tritonbn
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# torch 2.10 and 2.11 reject eps <= 0 in both modes; 2.12 (pytorch#175508) accepts eps = 0
+# in evaluation, where the running variance alone can keep the division finite.
+_EPS_ZERO_ALLOWED_IN_EVAL = tuple(
+    int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 12)
+
+
 def runs_on_triton(input: Tensor) -> bool:
     """True when ``input`` is computed by the Triton kernels: CUDA tensors, and CPU tensors
     when the Triton interpreter is on (TRITON_INTERPRET=1 before import). Other inputs
@@ -35,8 +41,11 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps):
         if size_prods == 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {size}")
+    if not _EPS_ZERO_ALLOWED_IN_EVAL:
         if eps <= 0.0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+            raise ValueError(f"batch_norm eps must be positive, but got {eps}")
+    elif training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if not training:
