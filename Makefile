@@ -7,7 +7,13 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: test perf setup clean
+# The oldest supported pair, the one the GPU image has: torch 2.11 with triton 3.6. Triton
+# 3.6's interpreter turns 1-element arrays into ints with int(), which numpy >= 2.4 refuses
+# (fixed in triton 3.8), hence numpy < 2.4 there.
+OLDEST_SPEC ?= torch==2.11.0 triton==3.6.0 'numpy<2.4'
+OLDEST_VENV ?= .venv-oldest
+
+.PHONY: test perf setup clean test-oldest
 
 setup: $(VENV)/.installed
 
@@ -23,5 +29,11 @@ test: setup
 perf: setup
 	$(PY) perf/report.py
 
+test-oldest:
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install $(OLDEST_SPEC)
+	$(OLDEST_VENV)/bin/python -m pip install -e ".[test,perf]"
+	$(OLDEST_VENV)/bin/python -m pytest -q tests
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info

@@ -23,7 +23,6 @@ input's dtype under torch.autocast, statistics in fp32.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import torch
@@ -36,10 +35,8 @@ from ..kernels.launch import (backward_geometry, launch_apply, launch_fused_back
 # The kernels take any strides and write outputs in the input's layout (empty_like), and
 # the fake implementations say so. ``flexible_layout`` lets Inductor hand the ops the layout
 # it chose (e.g. channels_last around convolutions) instead of copying every input to the
-# strides seen in eager mode. Older torch without the tag / the ``tags`` argument: default.
-_TAGS = ({"tags": (torch.Tag.flexible_layout,)}
-         if hasattr(torch.Tag, "flexible_layout")
-         and "tags" in inspect.signature(torch.library.custom_op).parameters else {})
+# strides seen in eager mode.
+_TAGS = (torch.Tag.flexible_layout,)
 
 
 def stats_impl(
@@ -63,7 +60,7 @@ def stats_impl(
 
 
 batch_norm_stats = torch.library.custom_op(
-    "tritonbn::batch_norm_stats", mutates_args=("running_mean", "running_var"), **_TAGS
+    "tritonbn::batch_norm_stats", mutates_args=("running_mean", "running_var"), tags=_TAGS
 )(stats_impl)
 
 
@@ -95,7 +92,7 @@ def apply_impl(
 
 
 batch_norm_apply = torch.library.custom_op(
-    "tritonbn::batch_norm_apply", mutates_args=(), **_TAGS)(apply_impl)
+    "tritonbn::batch_norm_apply", mutates_args=(), tags=_TAGS)(apply_impl)
 
 
 @batch_norm_apply.register_fake
@@ -154,7 +151,7 @@ def backward_impl(
 
 
 batch_norm_backward = torch.library.custom_op(
-    "tritonbn::batch_norm_backward", mutates_args=(), **_TAGS)(backward_impl)
+    "tritonbn::batch_norm_backward", mutates_args=(), tags=_TAGS)(backward_impl)
 
 
 @batch_norm_backward.register_fake
