@@ -178,3 +178,29 @@ def test_concurrent_streams():
         with torch.cuda.stream(stream):
             buffers.append(launch.counters.get(xs[0].device, 1))
     assert buffers[0].data_ptr() != buffers[1].data_ptr()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("fused", ["1", "0"], ids=["single_pass", "split"])
+def test_input_on_a_device_that_is_not_current(monkeypatch, fused):
+    """An input on cuda:1 while cuda:0 is current: forward and backward run on cuda:1 (on
+    its current stream) and give the bits they give with cuda:1 current."""
+    monkeypatch.setenv("TRITONBN_FUSED", fused)
+    x = make_tensor((32, 256, 14, 14), torch.bfloat16, device="cuda:1").requires_grad_()
+    bn = tritonbn.BatchNorm2d(256, device="cuda:1")
+    dy = torch.randn_like(x)
+
+    def run():
+        y = bn(x)
+        y.backward(dy)
+        grads = (x.grad.clone(), bn.weight.grad.clone())
+        x.grad = bn.weight.grad = bn.bias.grad = None
+        return (y.detach(), *grads)
+
+    with torch.cuda.device(1):
+        expected = run()
+    with torch.cuda.device(0):
+        got = run()
+    torch.cuda.synchronize(1)
+    for g, e in zip(got, expected):
+        assert g.device == torch.device("cuda:1") and torch.equal(g, e)

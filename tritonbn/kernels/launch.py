@@ -190,6 +190,14 @@ def clear_caches() -> None:
 def _launch(name: str, geom: Geometry, device: torch.device, elem_size: int, args: tuple,
             flags: dict):
     kernel, grid, kwargs = _plan(name, geom, device, elem_size, autotune_enabled())
+    # Triton launches on the current CUDA device and its current stream, not on the device
+    # of the tensors: an input on cuda:1 while cuda:0 is current (a process that moved its
+    # model with .to("cuda:1") without torch.cuda.set_device) needs the device switched,
+    # as torch's own ops do with their device guards.
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            kernel[grid](*args, **kwargs, **flags)
+        return
     kernel[grid](*args, **kwargs, **flags)
 
 
