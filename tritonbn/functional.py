@@ -85,7 +85,15 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     nbt = num_batches_tracked if momentum is None else None
     if not _traced():  # plain eager: same implementations, less host time per call
         # Without a gradient to record (inference, no_grad), skip the autograd node: its
-        # host cost is about a third of the call's.
+        # host cost is about a third of the call's. Under a torch.func transform, always
+        # an autograd Function of the transform-ready kind: it hands the kernels plain
+        # tensors.
+        if torch._C._are_functorch_transforms_active():
+            if training:
+                return _ops.FuncTrain.apply(input, weight, bias, running_mean, running_var,
+                                            nbt, momentum, eps)[0]
+            return _ops.FuncApply.apply(input, weight, bias, running_mean, running_var,
+                                        False, eps)
         grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, weight, bias))
         if training:
