@@ -27,7 +27,8 @@ Bulk accesses are told apart from per-channel ones (mean, weight, partials ...) 
 analysis of the ptx: every address is traced back to the kernel parameter it derives from.
 
 Rows named "variant:..." compile the other constexpr branches once each (FLAG_VARIANTS:
-eval mode, absent weight/bias/outputs, momentum=None, int64 offsets, no unit-stride axis),
+eval mode, absent weight/bias/outputs, momentum=None, int64 offsets, no unit-stride axis,
+the variance output of SyncBatchNorm's local statistics),
 in quick mode too: a branch the tests only ever interpret must still compile for a GPU.
 
 WAVES (the split factor of the reductions) is a host-side knob: it is not used in the
@@ -90,7 +91,8 @@ QUICK_FUSED = ((1, 4), (16, 8))  # (BLOCK_C, num_warps) compiled by --quick
 # them; a branch that fails to compile for a GPU would otherwise go unseen.
 _EVERY_KERNEL_VARIANTS = [dict(INT64=True), dict(CONTIG=0, VEC=1)]
 FLAG_VARIANTS = {label: variants + _EVERY_KERNEL_VARIANTS for label, variants in {
-    "bn_stats_kernel": [dict(UPDATE_RUNNING=False), dict(CUMULATIVE=True)],
+    "bn_stats_kernel": [dict(UPDATE_RUNNING=False), dict(CUMULATIVE=True),
+                        dict(UPDATE_RUNNING=False, WRITE_VAR=True)],
     "bn_grad_stats_kernel": [dict(STAT_IS_VAR=True, WRITE_COEF=False),
                              dict(HAS_GRAD_WEIGHT=False), dict(HAS_GRAD_BIAS=False)],
     "bn_apply_kernel[fwd]": [dict(STAT_IS_VAR=True), dict(HAS_WEIGHT=False, HAS_BIAS=False)],

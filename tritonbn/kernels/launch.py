@@ -275,8 +275,10 @@ def _workspace(geom: Geometry, device: torch.device, elem_size: int, rows: int):
     return partials, counters.get(device, geom.channels)
 
 
-def launch_stats(x, geom, running_mean, running_var, num_batches_tracked, momentum, eps):
-    """Batch mean and invstd (fp32 [C]); updates running stats in place when given."""
+def launch_stats(x, geom, running_mean, running_var, num_batches_tracked, momentum, eps,
+                 write_var=False):
+    """Batch mean and invstd (fp32 [C]); updates running stats in place when given.
+    ``write_var``: the biased variance in place of invstd (SyncBatchNorm's local stats)."""
     device = x.device
     C = geom.channels
     mean = torch.empty(C, dtype=torch.float32, device=device)
@@ -286,7 +288,7 @@ def launch_stats(x, geom, running_mean, running_var, num_batches_tracked, moment
         running_mean, running_var, num_batches_tracked, momentum, device)
     args = (x, partials, counter, mean, invstd, *run_ptrs, momentum, float(eps), *geom.sizes)
     _launch("bn_stats_kernel", geom, device, x.element_size(), args + geom.strides[0],
-            run_flags)
+            dict(run_flags, WRITE_VAR=write_var))
     _write_back((running_mean, running_var), dense)
     return mean, invstd
 

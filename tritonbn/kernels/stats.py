@@ -66,7 +66,8 @@ def bn_stats_kernel(
     partial_ptr,      # fp32 [3, num_splits, C]: count, mean, M2 of each split
     counter_ptr,      # int32 [num channel blocks], zero on entry and on exit
     mean_ptr,         # fp32 [C] out: batch mean (saved for backward)
-    invstd_ptr,       # fp32 [C] out: 1 / sqrt(var + eps) (saved for backward)
+    invstd_ptr,       # fp32 [C] out: 1 / sqrt(var + eps) (saved for backward), or the
+                      # biased variance itself when WRITE_VAR (SyncBatchNorm's local stats)
     run_mean_ptr,     # [C] running_mean, updated in place when UPDATE_RUNNING
     run_var_ptr,      # [C] running_var, updated in place when UPDATE_RUNNING
     nbt_ptr,          # int64 [1] num_batches_tracked, read when CUMULATIVE
@@ -78,7 +79,7 @@ def bn_stats_kernel(
     WAVES: tl.constexpr,            # split factor: programs per SM the grid aims for (host side)
     CONTIG: tl.constexpr, INT64: tl.constexpr,
     VEC: tl.constexpr,                # elements per vector access the strides and sizes allow
-    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, WRITE_VAR: tl.constexpr,
 ):
     c_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -137,10 +138,12 @@ def bn_stats_kernel(
             q_acc = q_acc + q_b + d * d * n_acc * w_b
             n_acc = n_new
         var = q_acc / tl.maximum(n_acc, 1.0)  # n_acc = 0 only in masked lanes
-        invstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
         mu_acc += shift
         tl.store(mean_ptr + c, mu_acc, mask=c_mask)
-        tl.store(invstd_ptr + c, invstd, mask=c_mask)
+        if WRITE_VAR:
+            tl.store(invstd_ptr + c, var, mask=c_mask)
+        else:
+            tl.store(invstd_ptr + c, tl.div_rn(1.0, tl.sqrt_rn(var + eps)), mask=c_mask)
         if UPDATE_RUNNING:
             update_running_stats(run_mean_ptr, run_var_ptr, nbt_ptr, c, c_mask, mu_acc, var,
                                  n_acc, momentum, CUMULATIVE)
