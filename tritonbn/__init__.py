@@ -2,12 +2,13 @@
 
 Architecture: modules (modules.py) -> functional API (functional.py) -> custom operators
 with autograd (ops/batch_norm.py) -> launchers (kernels/launch.py) -> Triton kernels
-(kernels/stats.py, kernels/grad_stats.py, kernels/apply.py).
+(kernels/stats.py, kernels/grad_stats.py, kernels/apply.py, kernels/fused.py);
+SyncBatchNorm: modules.py -> ops/sync_batch_norm.py -> the same launchers.
 """
 from .functional import batch_norm, runs_on_triton
 from .kernels.launch import autotune_enabled, chosen_configs
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_model
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, convert_model
 
 __all__ = ["batch_norm", "runs_on_triton", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-           "convert_model", "chosen_configs", "autotune_enabled"]
+           "SyncBatchNorm", "convert_model", "chosen_configs", "autotune_enabled"]
 __version__ = "0.1.0"

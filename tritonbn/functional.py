@@ -54,7 +54,12 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps):
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    C = size[1] if input.dim() > 1 else 0
+    _check_tensors(input, running_mean, running_var, weight, bias)
+
+
+def _check_tensors(input, running_mean, running_var, weight, bias):
+    """Per-channel tensors: sizes, devices and dtypes the kernels can take."""
+    C = input.size(1) if input.dim() > 1 else 0
     params = [(name, t) for name, t in (("running_mean", running_mean), ("running_var", running_var),
                                         ("weight", weight), ("bias", bias)) if t is not None]
     for name, t in params:

@@ -1,12 +1,13 @@
-"""``tritonbn.BatchNorm1d/2d/3d``: subclasses of torch's classes (same constructor,
-parameters, buffers and state_dict) whose forward runs the Triton kernels, and
-``convert_model`` to switch an existing model over in place."""
+"""``tritonbn.BatchNorm1d/2d/3d`` and ``tritonbn.SyncBatchNorm``: subclasses of torch's
+classes (same constructor, parameters, buffers and state_dict) whose forward runs the
+Triton kernels, and ``convert_model`` to switch an existing model over in place."""
 from __future__ import annotations
 
-import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from .functional import _batch_norm, runs_on_triton
+from .functional import _batch_norm, _check_tensors, _traced, runs_on_triton
+from .ops.sync_batch_norm import SyncBatchNormFunction
 
 
 class _TritonBatchNorm:
@@ -18,6 +19,12 @@ class _TritonBatchNorm:
         if not runs_on_triton(input):
             return super().forward(input)
         self._check_input_dim(input)
+        return _batch_norm(input, *self._arguments())
+
+    def _arguments(self) -> tuple:
+        """(running_mean, running_var, weight, bias, training, momentum, eps,
+        num_batches_tracked) for _batch_norm, as torch's forward derives them; counts the
+        batch in num_batches_tracked when training."""
         momentum = self.momentum
         num_batches_tracked = None
         if self.training and self.track_running_stats:
@@ -28,11 +35,9 @@ class _TritonBatchNorm:
                 momentum = 0.0
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
-        return _batch_norm(
-            input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight, self.bias, bn_training, momentum, self.eps, num_batches_tracked)
+        return (self.running_mean if use_running else None,
+                self.running_var if use_running else None,
+                self.weight, self.bias, bn_training, momentum, self.eps, num_batches_tracked)
 
 
 class BatchNorm1d(_TritonBatchNorm, nn.BatchNorm1d):
@@ -47,8 +52,36 @@ class BatchNorm3d(_TritonBatchNorm, nn.BatchNorm3d):
     """Triton drop-in for :class:`torch.nn.BatchNorm3d`, input (N, C, D, H, W)."""
 
 
+class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
+    """Triton drop-in for :class:`torch.nn.SyncBatchNorm`: in training, with a process
+    group of more than one process, statistics over the whole group's batch
+    (ops/sync_batch_norm.py); otherwise a BatchNorm, as torch's."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not runs_on_triton(input) or _traced():
+            return nn.SyncBatchNorm.forward(self, input)
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        args = self._arguments()
+        world_size = 1
+        if self.training and dist.is_available() and dist.is_initialized():
+            group = self.process_group or dist.group.WORLD
+            world_size = dist.get_world_size(group)
+        if world_size == 1:
+            return _batch_norm(input, *args)
+        running_mean, running_var, weight, bias, _, momentum, eps, nbt = args
+        _check_tensors(input, running_mean, running_var, weight, bias)
+        return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, nbt,
+                                           momentum, eps, group, world_size)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """torch's conversion of every BatchNorm*D into a SyncBatchNorm, then to tritonbn's."""
+        return convert_model(nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group))
+
+
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
-                 nn.BatchNorm3d: BatchNorm3d}
+                 nn.BatchNorm3d: BatchNorm3d, nn.SyncBatchNorm: SyncBatchNorm}
 
 
 def convert_model(module: nn.Module) -> nn.Module:

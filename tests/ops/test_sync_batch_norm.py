@@ -1,0 +1,137 @@
+"""tritonbn.SyncBatchNorm: statistics over every rank's batch (ops/sync_batch_norm.py).
+
+Each case starts one process per rank (tests/ops/sync_worker.py: Gloo, CPU tensors, Triton
+interpreter, also on a GPU machine) on uneven slices of one batch, two training steps and
+an eval forward. What the ranks computed together must be what one BatchNorm computes on
+the whole batch: checked against torch's BatchNorm in float64 on the concatenated batch
+(outputs, grad_input, running statistics), and grad_weight / grad_bias of each rank
+against the float64 sums over its own slice (local, as torch's SyncBatchNorm leaves them
+for DDP to reduce). Double backward raises. Single-process behaviour (no process group)
+is a BatchNorm.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tritonbn
+from tests.reference import assert_close_to_reference, make_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKER = os.path.join(REPO, "tests", "ops", "sync_worker.py")
+
+CASES = {
+    # fp32, two ranks with different batch sizes, exponential running average
+    "fp32_2ranks": dict(rows=[3, 5], dtype=torch.float32, channels_last=False, momentum=0.1),
+    # AMP-style bf16 input with fp32 parameters, channels_last, cumulative average, and a
+    # rank with an empty batch, which must still join the collectives
+    "bf16_cl_3ranks_one_empty": dict(rows=[4, 0, 3], dtype=torch.bfloat16,
+                                     channels_last=True, momentum=None),
+}
+
+
+def _run_ranks(tmp_path, case: dict) -> list[dict]:
+    C, H, W = 4, 5, 6
+    n = sum(case["rows"])
+    weight, bias, _, _ = make_params(C, device="cpu")
+    # mean far from 0 (the statistics must be shifted / merged stably), dy not centred
+    data = dict(case, x=torch.randn(n, C, H, W) * 2 + 5, dy=torch.randn(n, C, H, W) + 0.5,
+                weight=weight, bias=bias, init=f"file://{tmp_path}/rendezvous",
+                out=str(tmp_path))
+    case_file = str(tmp_path / "case.pt")
+    torch.save(data, case_file)
+    env = dict(os.environ, PYTHONPATH=REPO, TRITON_INTERPRET="1")
+    procs = [subprocess.Popen([sys.executable, WORKER, case_file, str(r)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(len(case["rows"]))]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-3000:]}"
+    return data, [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(procs))]
+
+
+def _reference(data):
+    """float64 BatchNorm on the whole batch, two training steps then eval."""
+    x = data["x"].to(data["dtype"]).double().requires_grad_()
+    dy = data["dy"].to(data["dtype"]).double()
+    w = data["weight"].double().requires_grad_()
+    b = data["bias"].double().requires_grad_()
+    C = x.shape[1]
+    rm, rv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    steps = []
+    for step in (1, 2):
+        momentum = 1.0 / step if data["momentum"] is None else data["momentum"]
+        y = F.batch_norm(x, rm, rv, w, b, True, momentum, 1e-5)
+        gx, = torch.autograd.grad((y * dy).sum(), x)
+        x64 = x.detach()
+        invstd = torch.rsqrt(x64.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+        xhat = (x64 - x64.mean((0, 2, 3), keepdim=True)) * invstd
+        steps.append(dict(output=y.detach(), grad_input=gx, xhat=xhat, invstd=invstd))
+    evaluated = F.batch_norm(x.detach(), rm, rv, w.detach(), b.detach(), False, 0.0, 1e-5)
+    return steps, rm, rv, evaluated, dy
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_ranks_together_equal_one_batch_norm(tmp_path, name):
+    data, ranks = _run_ranks(tmp_path, CASES[name])
+    steps, rm, rv, evaluated, dy = _reference(data)
+    rows = data["rows"]
+    bounds = [sum(rows[:r]) for r in range(len(rows) + 1)]
+    w = data["weight"].double().view(1, -1, 1, 1).abs()
+    b = data["bias"].double().view(1, -1, 1, 1).abs()
+    dims = (0, 2, 3)
+    for s, ref in enumerate(steps):
+        xhat = ref["xhat"]
+        # magnitudes of the terms: |xhat w| + |b| for y; for dx = w invstd (dy - mean(dy)
+        # - xhat mean(dy xhat)), w invstd (|dy| + |mean(dy)| + |xhat| |mean(dy xhat)|)
+        scales = dict(output=xhat.abs() * w + b,
+                      grad_input=w * ref["invstd"] * (
+                          dy.abs() + dy.mean(dims, keepdim=True).abs()
+                          + xhat.abs() * (dy * xhat).mean(dims, keepdim=True).abs()))
+        for key, scale in scales.items():
+            got = torch.cat([rank["steps"][s][key] for rank in ranks])
+            assert_close_to_reference(f"step {s} {key}", got, ref[key], scale)
+        for r, rank in enumerate(ranks):
+            got = rank["steps"][s]
+            if rows[r]:
+                assert got["channels_last"] == data["channels_last"]
+            part = slice(bounds[r], bounds[r + 1])
+            local_dy, local_xhat = dy[part], xhat[part]
+            assert got["grad_weight"].dtype == got["grad_bias"].dtype == torch.float32
+            assert_close_to_reference(f"rank {r} step {s} grad_bias", got["grad_bias"],
+                                      local_dy.sum(dims), local_dy.abs().sum(dims))
+            assert_close_to_reference(f"rank {r} step {s} grad_weight", got["grad_weight"],
+                                      (local_dy * local_xhat).sum(dims),
+                                      (local_dy * local_xhat).abs().sum(dims))
+    for r, rank in enumerate(ranks):
+        assert "double backward" in rank["double_backward"], rank["double_backward"]
+        assert int(rank["num_batches_tracked"]) == 2
+        assert_close_to_reference(f"rank {r} running_mean", rank["running_mean"], rm,
+                                  rm.abs() + 1)
+        assert_close_to_reference(f"rank {r} running_var", rank["running_var"], rv,
+                                  rv.abs() + 1)
+    got = torch.cat([rank["eval_output"] for rank in ranks])
+    assert_close_to_reference("eval output", got, evaluated, evaluated.abs() + 1)
+
+
+def test_single_process_is_a_batch_norm(device):
+    """No process group: tritonbn.SyncBatchNorm computes what tritonbn.BatchNorm2d does
+    (torch's SyncBatchNorm falls back to F.batch_norm the same way)."""
+    x = torch.randn(4, 3, 5, 5, device=device)
+    sync, plain = tritonbn.SyncBatchNorm(3, device=device), tritonbn.BatchNorm2d(3, device=device)
+    assert torch.equal(sync(x), plain(x))
+    assert torch.equal(sync.running_var, plain.running_var)
+
+
+def test_convert_sync_batchnorm():
+    """torch's conversion, then tritonbn's class: same parameter objects."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    weight = model[1].weight
+    model = tritonbn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(model[1]) is tritonbn.SyncBatchNorm
+    assert model[1].weight is weight
+    torch_sync = torch.nn.Sequential(torch.nn.SyncBatchNorm(4))
+    assert type(tritonbn.convert_model(torch_sync)[0]) is tritonbn.SyncBatchNorm
