@@ -85,8 +85,8 @@ _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
 
 
 def convert_model(module: nn.Module) -> nn.Module:
-    """Turn every torch BatchNorm1d/2d/3d in ``module`` (itself included) into its tritonbn
-    counterpart, in place, and return ``module``.
+    """Turn every torch BatchNorm1d/2d/3d and SyncBatchNorm in ``module`` (itself included)
+    into its tritonbn counterpart, in place, and return ``module``.
 
     The class of each layer is switched, so the very same parameter and buffer objects stay
     (optimizers holding them keep working), with their device, dtype, requires_grad, the
