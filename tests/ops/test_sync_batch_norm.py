@@ -25,20 +25,23 @@ WORKER = os.path.join(REPO, "tests", "ops", "sync_worker.py")
 
 CASES = {
     # fp32, two ranks with different batch sizes, exponential running average
-    "fp32_2ranks": dict(rows=[3, 5], dtype=torch.float32, channels_last=False, momentum=0.1),
+    "fp32_2ranks": dict(rows=[3, 5], sample=(4, 5, 6), dtype=torch.float32,
+                        channels_last=False, momentum=0.1),
     # AMP-style bf16 input with fp32 parameters, channels_last, cumulative average, and a
     # rank with an empty batch, which must still join the collectives
-    "bf16_cl_3ranks_one_empty": dict(rows=[4, 0, 3], dtype=torch.bfloat16,
+    "bf16_cl_3ranks_one_empty": dict(rows=[4, 0, 3], sample=(4, 5, 6), dtype=torch.bfloat16,
                                      channels_last=True, momentum=None),
+    # BatchNorm1d-style (N, C) input, as in the projection heads of contrastive learning
+    "fp16_2d_2ranks": dict(rows=[6, 9], sample=(24,), dtype=torch.float16,
+                           channels_last=False, momentum=0.1),
 }
 
 
 def _run_ranks(tmp_path, case: dict) -> list[dict]:
-    C, H, W = 4, 5, 6
-    n = sum(case["rows"])
-    weight, bias, _, _ = make_params(C, device="cpu")
+    shape = (sum(case["rows"]), *case["sample"])
+    weight, bias, _, _ = make_params(shape[1], device="cpu")
     # mean far from 0 (the statistics must be shifted / merged stably), dy not centred
-    data = dict(case, x=torch.randn(n, C, H, W) * 2 + 5, dy=torch.randn(n, C, H, W) + 0.5,
+    data = dict(case, x=torch.randn(shape) * 2 + 5, dy=torch.randn(shape) + 0.5,
                 weight=weight, bias=bias, init=f"file://{tmp_path}/rendezvous",
                 out=str(tmp_path))
     case_file = str(tmp_path / "case.pt")
@@ -51,6 +54,10 @@ def _run_ranks(tmp_path, case: dict) -> list[dict]:
     for r, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {r} failed:\n{log[-3000:]}"
     return data, [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(procs))]
+
+
+def _reduced_dims(x):
+    return (0, *range(2, x.dim()))
 
 
 def _reference(data):
@@ -66,9 +73,9 @@ def _reference(data):
         momentum = 1.0 / step if data["momentum"] is None else data["momentum"]
         y = F.batch_norm(x, rm, rv, w, b, True, momentum, 1e-5)
         gx, = torch.autograd.grad((y * dy).sum(), x)
-        x64 = x.detach()
-        invstd = torch.rsqrt(x64.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
-        xhat = (x64 - x64.mean((0, 2, 3), keepdim=True)) * invstd
+        x64, dims = x.detach(), _reduced_dims(x)
+        invstd = torch.rsqrt(x64.var(dims, unbiased=False, keepdim=True) + 1e-5)
+        xhat = (x64 - x64.mean(dims, keepdim=True)) * invstd
         steps.append(dict(output=y.detach(), grad_input=gx, xhat=xhat, invstd=invstd))
     evaluated = F.batch_norm(x.detach(), rm, rv, w.detach(), b.detach(), False, 0.0, 1e-5)
     return steps, rm, rv, evaluated, dy
@@ -80,9 +87,10 @@ def test_ranks_together_equal_one_batch_norm(tmp_path, name):
     steps, rm, rv, evaluated, dy = _reference(data)
     rows = data["rows"]
     bounds = [sum(rows[:r]) for r in range(len(rows) + 1)]
-    w = data["weight"].double().view(1, -1, 1, 1).abs()
-    b = data["bias"].double().view(1, -1, 1, 1).abs()
-    dims = (0, 2, 3)
+    dims = _reduced_dims(dy)
+    channel = (1, -1) + (1,) * (dy.dim() - 2)
+    w = data["weight"].double().view(channel).abs()
+    b = data["bias"].double().view(channel).abs()
     for s, ref in enumerate(steps):
         xhat = ref["xhat"]
         # magnitudes of the terms: |xhat w| + |b| for y; for dx = w invstd (dy - mean(dy)
