@@ -323,3 +323,21 @@ def test_state_dict_interchangeable(dims):
         assert torch.equal(back.state_dict()[name], t), name
     assert isinstance(kernel_mod, TORCH_CLASSES[dims])
     assert repr(kernel_mod) == repr(torch_mod)
+
+
+@pytest.mark.parametrize("lazy_cls,shape,becomes", [
+    (nn.LazyBatchNorm1d, (4, 3, 5), tritonbn.BatchNorm1d),
+    (nn.LazyBatchNorm2d, (4, 3, 5, 6), tritonbn.BatchNorm2d),
+    (nn.LazyBatchNorm3d, (2, 3, 2, 3, 4), tritonbn.BatchNorm3d)], ids=["1d", "2d", "3d"])
+def test_convert_lazy_batch_norm(lazy_cls, shape, becomes):
+    """A converted lazy layer becomes tritonbn's BatchNorm on its first input (torch's own
+    lazy class would become torch's BatchNorm, silently bypassing the kernels) and computes
+    what torch's lazy layer does."""
+    x = make_tensor(shape)
+    ours, ref = (lazy_cls(momentum=None, device=DEVICE) for _ in range(2))
+    model = tritonbn.convert_model(nn.Sequential(ours))
+    assert type(model[0]).__module__.startswith("tritonbn")
+    y, y_ref = model(x), ref(x)
+    assert type(model[0]) is becomes
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[0].running_var, ref.running_var, rtol=1e-5, atol=1e-6)

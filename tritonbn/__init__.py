@@ -7,8 +7,10 @@ SyncBatchNorm: modules.py -> ops/sync_batch_norm.py -> the same launchers.
 """
 from .functional import batch_norm, runs_on_triton
 from .kernels.launch import autotune_enabled, chosen_configs
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, convert_model
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d,
+                      LazyBatchNorm3d, SyncBatchNorm, convert_model)
 
 __all__ = ["batch_norm", "runs_on_triton", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-           "SyncBatchNorm", "convert_model", "chosen_configs", "autotune_enabled"]
+           "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "SyncBatchNorm",
+           "convert_model", "chosen_configs", "autotune_enabled"]
 __version__ = "0.1.0"

@@ -80,13 +80,36 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
         return convert_model(nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group))
 
 
+class LazyBatchNorm1d(nn.LazyBatchNorm1d):
+    """:class:`torch.nn.LazyBatchNorm1d` that becomes a tritonbn.BatchNorm1d (not torch's)
+    once its first input has set num_features."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(nn.LazyBatchNorm2d):
+    """:class:`torch.nn.LazyBatchNorm2d` that becomes a tritonbn.BatchNorm2d."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(nn.LazyBatchNorm3d):
+    """:class:`torch.nn.LazyBatchNorm3d` that becomes a tritonbn.BatchNorm3d."""
+
+    cls_to_become = BatchNorm3d
+
+
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
-                 nn.BatchNorm3d: BatchNorm3d, nn.SyncBatchNorm: SyncBatchNorm}
+                 nn.BatchNorm3d: BatchNorm3d, nn.SyncBatchNorm: SyncBatchNorm,
+                 nn.LazyBatchNorm1d: LazyBatchNorm1d, nn.LazyBatchNorm2d: LazyBatchNorm2d,
+                 nn.LazyBatchNorm3d: LazyBatchNorm3d}
 
 
 def convert_model(module: nn.Module) -> nn.Module:
-    """Turn every torch BatchNorm1d/2d/3d and SyncBatchNorm in ``module`` (itself included)
-    into its tritonbn counterpart, in place, and return ``module``.
+    """Turn every torch BatchNorm1d/2d/3d, SyncBatchNorm and LazyBatchNorm1d/2d/3d in
+    ``module`` (itself included) into its tritonbn counterpart, in place, and return
+    ``module``. A lazy layer becomes a tritonbn BatchNorm when its first input arrives
+    (torch's would become torch's BatchNorm and quietly leave the kernels out).
 
     The class of each layer is switched, so the very same parameter and buffer objects stay
     (optimizers holding them keep working), with their device, dtype, requires_grad, the
