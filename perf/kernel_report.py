@@ -28,7 +28,7 @@ analysis of the ptx: every address is traced back to the kernel parameter it der
 
 Rows named "variant:..." compile the other constexpr branches once each (FLAG_VARIANTS:
 eval mode, absent weight/bias/outputs, momentum=None, int64 offsets, no unit-stride axis,
-the variance output of SyncBatchNorm's local statistics),
+the variance output of SyncBatchNorm's local statistics, the fused ReLU),
 in quick mode too: a branch the tests only ever interpret must still compile for a GPU.
 
 WAVES (the split factor of the reductions) is a host-side knob: it is not used in the
@@ -94,16 +94,23 @@ FLAG_VARIANTS = {label: variants + _EVERY_KERNEL_VARIANTS for label, variants in
     "bn_stats_kernel": [dict(UPDATE_RUNNING=False), dict(CUMULATIVE=True),
                         dict(UPDATE_RUNNING=False, WRITE_VAR=True)],
     "bn_grad_stats_kernel": [dict(STAT_IS_VAR=True, WRITE_COEF=False),
-                             dict(HAS_GRAD_WEIGHT=False), dict(HAS_GRAD_BIAS=False)],
-    "bn_apply_kernel[fwd]": [dict(STAT_IS_VAR=True), dict(HAS_WEIGHT=False, HAS_BIAS=False)],
+                             dict(HAS_GRAD_WEIGHT=False), dict(HAS_GRAD_BIAS=False),
+                             dict(RELU=True, HAS_WEIGHT=True, HAS_BIAS=True)],
+    "bn_apply_kernel[fwd]": [dict(STAT_IS_VAR=True), dict(HAS_WEIGHT=False, HAS_BIAS=False),
+                             dict(RELU=True)],
     "bn_apply_kernel[bwd]": [dict(BATCH_STATS=False, STAT_IS_VAR=True),
-                             dict(HAS_WEIGHT=False)],
+                             dict(HAS_WEIGHT=False), dict(RELU=True, HAS_BIAS=True),
+                             dict(RELU=True, HAS_BIAS=True, BATCH_STATS=False,
+                                  STAT_IS_VAR=True)],
     "bn_fused_kernel[fwd]": [dict(HAS_WEIGHT=False, HAS_BIAS=False),
-                             dict(UPDATE_RUNNING=False), dict(CUMULATIVE=True)],
+                             dict(UPDATE_RUNNING=False), dict(CUMULATIVE=True),
+                             dict(RELU=True)],
     "bn_fused_kernel[bwd]": [dict(STAT_IS_VAR=True),
                              dict(STAT_IS_VAR=True, HAS_GRAD_WEIGHT=False),
                              dict(HAS_GRAD_WEIGHT=False, HAS_GRAD_BIAS=False),
-                             dict(WRITE_OUT=False), dict(HAS_WEIGHT=False)],
+                             dict(WRITE_OUT=False), dict(HAS_WEIGHT=False),
+                             dict(RELU=True, HAS_BIAS=True),
+                             dict(RELU=True, HAS_BIAS=True, STAT_IS_VAR=True)],
 }.items()}
 LAYOUTS = ("nchw", "channels_last")
 ARCHS = (90, 80)

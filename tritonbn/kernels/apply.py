@@ -4,7 +4,9 @@ of each input and one write of the output, in the output's own dtype and layout.
     forward:              y  = (x - mean) * invstd * weight + bias
     backward, training:   dx = (dy - k1 - (x - mean) * k2) * weight * invstd
     backward, eval:       dx = dy * weight * invstd
-(k1, k2 from grad_stats.py; weight = 1 and bias = 0 when absent.)
+(k1, k2 from grad_stats.py; weight = 1 and bias = 0 when absent.) With RELU the forward
+writes max(y, 0), and the backward first zeroes dy where the pre-activation y, recomputed
+from x, is not positive: no mask tensor is stored or read.
 
 Grid: one program per (tile, channel block), channel block fastest, walked from the last
 tile to the first: the preceding reduction (statistics or gradient statistics) read the
@@ -14,7 +16,7 @@ the first ones this pass asks for again.
 import triton
 import triton.language as tl
 
-from .grad_stats import load_channel_stats
+from .grad_stats import load_channel_stats, pre_activation
 from .tiles import tile_index, tile_offsets
 
 
@@ -26,7 +28,7 @@ def bn_apply_kernel(
     mean_ptr,         # [C] batch mean or running_mean
     stat_ptr,         # [C] invstd, or running_var when STAT_IS_VAR
     weight_ptr,       # [C] when HAS_WEIGHT
-    bias_ptr,         # [C] when HAS_BIAS (forward)
+    bias_ptr,         # [C] when HAS_BIAS (forward; backward with RELU)
     coef_ptr,         # fp32 [2, C]: k1, k2 (backward with batch statistics)
     eps,
     O1, O2, O, I, C,
@@ -39,7 +41,7 @@ def bn_apply_kernel(
     VEC: tl.constexpr,                # elements per vector access the strides and sizes allow
     STAT_IS_VAR: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BACKWARD: tl.constexpr, BATCH_STATS: tl.constexpr,
+    BACKWARD: tl.constexpr, BATCH_STATS: tl.constexpr, RELU: tl.constexpr,
 ):
     num_c_blocks = tl.cdiv(C, BLOCK_C)
     pid = tl.num_programs(0) - 1 - tl.program_id(0)  # back to front: see module docstring
@@ -57,13 +59,16 @@ def bn_apply_kernel(
     scale = scale[None, None, :]
 
     # constexpr: a plain local would make this a runtime branch and leave x undefined below
-    needs_x: tl.constexpr = (not BACKWARD) or BATCH_STATS
+    needs_x: tl.constexpr = (not BACKWARD) or BATCH_STATS or RELU
     if needs_x:
         x_offs = tile_offsets(o0, o1, o2, i, c, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
         dy_offs = tile_offsets(o0, o1, o2, i, c, sd0, sd1, sd2, sdi, sdc, CONTIG, VEC)
         dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            y = pre_activation(x - mean, scale, bias_ptr, c, c_mask, HAS_BIAS)
+            dy = tl.where(y > 0.0, dy, 0.0)
         if BATCH_STATS:
             k1 = tl.load(coef_ptr + c, mask=c_mask, other=0.0)[None, None, :]
             k2 = tl.load(coef_ptr + C + c, mask=c_mask, other=0.0)[None, None, :]
@@ -71,8 +76,8 @@ def bn_apply_kernel(
         else:
             out = dy * scale
     else:
-        out = (x - mean) * scale
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, None, :]
+        out = pre_activation(x - mean, scale, bias_ptr, c, c_mask, HAS_BIAS)
+        if RELU:
+            out = tl.maximum(out, 0.0)
     out_offs = tile_offsets(o0, o1, o2, i, c, so0, so1, so2, soi, soc, CONTIG, VEC)
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)

@@ -15,6 +15,8 @@ of times, in one launch:
         k1 = sum(dy) / M,  k2 = sum(dy * (x - mean)) * invstd^2 / M
     backward (eval, running statistics): as above with invstd = 1 / sqrt(running_var + eps)
         and dx = dy * weight * invstd; x is read only when grad_weight is wanted.
+    RELU (BatchNorm followed by ReLU): the forward writes max(y, 0); the backward zeroes dy
+        where y, recomputed from x, is not positive, before anything else uses it.
 
 Grid: one program per channel block; the tile ``[BLOCK_O, BLOCK_I, BLOCK_C]`` covers the
 whole outer x inner range (BLOCK_O >= O, BLOCK_I >= I, chosen by the host from the shape),
@@ -24,9 +26,19 @@ eligible, and which BLOCK_C, is decided in configs.py.
 import triton
 import triton.language as tl
 
-from .grad_stats import load_channel_stats, store_grad_params
+from .grad_stats import load_channel_stats, pre_activation, store_grad_params
 from .stats import channel_shift, update_running_stats
 from .tiles import tile_index, tile_offsets
+
+
+@triton.jit
+def _scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT: tl.constexpr):
+    """weight * invstd as a [1, 1, BLOCK_C] tile (invstd alone without weight)."""
+    if HAS_WEIGHT:
+        scale = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32) * invstd
+    else:
+        scale = invstd
+    return scale[None, None, :]
 
 
 @triton.jit(do_not_specialize=["KEY_M", "KEY_C"])
@@ -37,7 +49,7 @@ def bn_fused_kernel(
     mean_ptr,         # fp32 [C]: forward out, batch mean; backward in, saved mean or running_mean
     stat_ptr,         # fp32 [C]: forward out, invstd; backward in, invstd or running_var (STAT_IS_VAR)
     weight_ptr,       # [C] when HAS_WEIGHT
-    bias_ptr,         # [C] when HAS_BIAS (forward)
+    bias_ptr,         # [C] when HAS_BIAS (forward; backward with RELU)
     run_mean_ptr,     # [C] running_mean, updated in place when UPDATE_RUNNING (forward)
     run_var_ptr,      # [C] running_var, updated in place when UPDATE_RUNNING (forward)
     nbt_ptr,          # int64 [1] num_batches_tracked, read when CUMULATIVE
@@ -57,13 +69,14 @@ def bn_fused_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
     HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr, WRITE_OUT: tl.constexpr,
+    RELU: tl.constexpr,
 ):
     c_block = tl.program_id(0)
     o0, o1, o2, i, c, mask = tile_index(0, c_block, O1, O2, O, I, C,
                                         BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
     c_mask = c < C
     # constexpr: a plain local would make this a runtime branch and leave x undefined below
-    needs_x: tl.constexpr = (not BACKWARD) or (not STAT_IS_VAR) or HAS_GRAD_WEIGHT
+    needs_x: tl.constexpr = (not BACKWARD) or (not STAT_IS_VAR) or HAS_GRAD_WEIGHT or RELU
     if needs_x:
         x_offs = tile_offsets(o0, o1, o2, i, c, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
@@ -72,9 +85,14 @@ def bn_fused_kernel(
         mean, invstd = load_channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, STAT_IS_VAR)
         dy_offs = tile_offsets(o0, o1, o2, i, c, sd0, sd1, sd2, sdi, sdc, CONTIG, VEC)
         dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
-        sum_dy = tl.sum(tl.sum(dy, 1), 0)
         if needs_x:
             xmu = tl.where(mask, x - mean[None, None, :], 0.0)
+        if RELU:  # the gradient that reaches BatchNorm through max(y, 0)
+            y = pre_activation(xmu, _scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT),
+                               bias_ptr, c, c_mask, HAS_BIAS)
+            dy = tl.where(y > 0.0, dy, 0.0)
+        sum_dy = tl.sum(tl.sum(dy, 1), 0)
+        if needs_x:
             sum_dy_xmu = tl.sum(tl.sum(dy * xmu, 1), 0)
         else:
             sum_dy_xmu = sum_dy  # unused: no grad_weight and no batch statistics
@@ -99,11 +117,7 @@ def bn_fused_kernel(
                                  m, momentum, CUMULATIVE)
 
     if WRITE_OUT:
-        if HAS_WEIGHT:
-            scale = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32) * invstd
-        else:
-            scale = invstd
-        scale = scale[None, None, :]
+        scale = _scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
         if BACKWARD:
             if STAT_IS_VAR:
                 out = dy * scale
@@ -112,8 +126,8 @@ def bn_fused_kernel(
                 k2 = (sum_dy_xmu * inv_m * invstd * invstd)[None, None, :]
                 out = (dy - k1 - xmu * k2) * scale
         else:
-            out = xmu * scale
-            if HAS_BIAS:
-                out += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, None, :]
+            out = pre_activation(xmu, scale, bias_ptr, c, c_mask, HAS_BIAS)
+            if RELU:
+                out = tl.maximum(out, 0.0)
         out_offs = tile_offsets(o0, o1, o2, i, c, so0, so1, so2, soi, soc, CONTIG, VEC)
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)

@@ -9,6 +9,8 @@ and, for grad_input in training mode (see apply.py),
 
 In eval mode (running statistics) mean/invstd come from running_mean/running_var and only
 grad_weight/grad_bias are produced here; dx = dy * weight * invstd needs no reduction.
+With RELU (BatchNorm followed by ReLU in one op) dy is first zeroed where the
+pre-activation (x - mean) * invstd * weight + bias is not positive, recomputed from x.
 
 Same parallel layout as the forward statistics: grid = (channel blocks, splits), fp32
 partial sums per split, and the last program of a channel block sums them in split order
@@ -32,6 +34,17 @@ def load_channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, STAT_IS_VAR: tl.const
 
 
 @triton.jit
+def pre_activation(xmu, scale, bias_ptr, c, c_mask, HAS_BIAS: tl.constexpr):
+    """y before any activation, (x - mean) * (weight * invstd) + bias, for [.., .., C]
+    tiles: one expression for every kernel, so that the forward's ReLU and the backward's
+    recomputed mask see the same value."""
+    y = xmu * scale
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + c, mask=c_mask, other=0.0).to(tl.float32)[None, None, :]
+    return y
+
+
+@triton.jit
 def store_grad_params(grad_weight_ptr, grad_bias_ptr, c, c_mask, sum_dy, sum_dy_xmu, invstd,
                       HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr):
     """grad_weight = invstd * sum(dy * (x - mean)), grad_bias = sum(dy), in their dtypes."""
@@ -51,6 +64,8 @@ def bn_grad_stats_kernel(
     counter_ptr,      # int32 [num channel blocks], zero on entry and on exit
     mean_ptr,         # [C] saved mean (training) or running_mean (eval)
     stat_ptr,         # [C] saved invstd (training) or running_var (eval, STAT_IS_VAR)
+    weight_ptr,       # [C] when RELU and HAS_WEIGHT: recomputes the pre-activation
+    bias_ptr,         # [C] when RELU and HAS_BIAS
     grad_weight_ptr,  # [C] out (weight dtype) when HAS_GRAD_WEIGHT
     grad_bias_ptr,    # [C] out (bias dtype) when HAS_GRAD_BIAS
     coef_ptr,         # fp32 [2, C] out: k1, k2 for the grad_input pass, when WRITE_COEF
@@ -65,6 +80,7 @@ def bn_grad_stats_kernel(
     VEC: tl.constexpr,                # elements per vector access the strides and sizes allow
     STAT_IS_VAR: tl.constexpr, HAS_GRAD_WEIGHT: tl.constexpr,
     HAS_GRAD_BIAS: tl.constexpr, WRITE_COEF: tl.constexpr,
+    RELU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     c_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -75,6 +91,10 @@ def bn_grad_stats_kernel(
     c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean_c, invstd_c = load_channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, STAT_IS_VAR)
+    if HAS_WEIGHT:
+        scale = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32) * invstd_c
+    else:
+        scale = invstd_c
 
     sum_dy = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
     sum_dy_xmu = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
@@ -85,8 +105,12 @@ def bn_grad_stats_kernel(
         dy_offs = tile_offsets(o0, o1, o2, i, ci, sd0, sd1, sd2, sdi, sdc, CONTIG, VEC)
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
+        xmu = x - mean_c[None, None, :]
+        if RELU:  # the gradient that reaches BatchNorm through max(y, 0)
+            y = pre_activation(xmu, scale[None, None, :], bias_ptr, c, c_mask, HAS_BIAS)
+            dy = tl.where(y > 0.0, dy, 0.0)
         sum_dy += dy
-        sum_dy_xmu += tl.where(mask, dy * (x - mean_c[None, None, :]), 0.0)
+        sum_dy_xmu += tl.where(mask, dy * xmu, 0.0)
 
     stride_part = num_splits * C
     p = partial_ptr + split * C + c

@@ -131,12 +131,12 @@ TUNED = {
     "bn_stats_kernel": _autotuned(bn_stats_kernel, C_.kernel_configs(True), ["UPDATE_RUNNING"],
                                   ["run_mean_ptr", "run_var_ptr"]),
     "bn_grad_stats_kernel": _autotuned(bn_grad_stats_kernel, C_.kernel_configs(True),
-                                       ["WRITE_COEF"], []),
+                                       ["WRITE_COEF", "RELU"], []),
     "bn_apply_kernel": _autotuned(bn_apply_kernel, C_.kernel_configs(False),
-                                  ["BACKWARD", "BATCH_STATS"], []),
+                                  ["BACKWARD", "BATCH_STATS", "RELU"], []),
     "bn_fused_kernel": _autotuned(bn_fused_kernel, C_.fused_kernel_configs(),
                                   ["BLOCK_O", "BLOCK_I", "BACKWARD", "STAT_IS_VAR",
-                                   "UPDATE_RUNNING", "HAS_GRAD_WEIGHT", "WRITE_OUT"],
+                                   "UPDATE_RUNNING", "HAS_GRAD_WEIGHT", "WRITE_OUT", "RELU"],
                                   ["run_mean_ptr", "run_var_ptr"], _prune_fused),
 }
 RAW = {"bn_stats_kernel": bn_stats_kernel, "bn_grad_stats_kernel": bn_grad_stats_kernel,
@@ -293,8 +293,10 @@ def launch_stats(x, geom, running_mean, running_var, num_batches_tracked, moment
     return mean, invstd
 
 
-def launch_apply(x, dy, out, mean, stat, weight, bias, coef, eps, *, stat_is_var, backward):
-    """y (forward) or grad_input (backward) into ``out``."""
+def launch_apply(x, dy, out, mean, stat, weight, bias, coef, eps, *, stat_is_var, backward,
+                 relu=False):
+    """y (forward) or grad_input (backward) into ``out``; ``relu``: BatchNorm + ReLU (the
+    backward then needs ``bias`` too)."""
     geom = make_geometry(*((x, dy, out) if backward else (x, out)))
     dummy = _dummy(x.device)
     args = (x, dy if backward else dummy, out, _vec(mean), _vec(stat),
@@ -303,13 +305,16 @@ def launch_apply(x, dy, out, mean, stat, weight, bias, coef, eps, *, stat_is_var
     _launch("bn_apply_kernel", geom, x.device, x.element_size(),
             args + _slot_strides(geom, backward, True),
             dict(STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
-                 HAS_BIAS=bias is not None, BACKWARD=backward, BATCH_STATS=coef is not None))
+                 HAS_BIAS=bias is not None, BACKWARD=backward, BATCH_STATS=coef is not None,
+                 RELU=relu))
     return out
 
 
-def launch_grad_stats(x, dy, mean, stat, eps, *, stat_is_var, grad_weight, grad_bias, want_coef):
+def launch_grad_stats(x, dy, mean, stat, eps, *, stat_is_var, grad_weight, grad_bias, want_coef,
+                      relu=False, weight=None, bias=None):
     """Writes grad_weight / grad_bias (when given) and returns the fp32 [2, C] (k1, k2)
-    coefficients of grad_input when ``want_coef``."""
+    coefficients of grad_input when ``want_coef``. ``relu``: BatchNorm + ReLU, whose mask
+    is recomputed from x, ``weight`` and ``bias``."""
     device = x.device
     geom = make_geometry(x, dy)
     C = geom.channels
@@ -317,6 +322,7 @@ def launch_grad_stats(x, dy, mean, stat, eps, *, stat_is_var, grad_weight, grad_
     coef = torch.empty((2, C), dtype=torch.float32, device=device) if want_coef else None
     dummy = _dummy(device)
     args = (x, dy, partials, counter, _vec(mean), _vec(stat),
+            dummy if weight is None else _vec(weight), dummy if bias is None else _vec(bias),
             dummy if grad_weight is None else grad_weight,
             dummy if grad_bias is None else grad_bias,
             dummy if coef is None else coef,
@@ -324,12 +330,13 @@ def launch_grad_stats(x, dy, mean, stat, eps, *, stat_is_var, grad_weight, grad_
     _launch("bn_grad_stats_kernel", geom, device, x.element_size(),
             args + geom.strides[0] + geom.strides[1],
             dict(STAT_IS_VAR=stat_is_var, HAS_GRAD_WEIGHT=grad_weight is not None,
-                 HAS_GRAD_BIAS=grad_bias is not None, WRITE_COEF=want_coef))
+                 HAS_GRAD_BIAS=grad_bias is not None, WRITE_COEF=want_coef, RELU=relu,
+                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None))
     return coef
 
 
 def launch_fused_forward(x, out, geom, weight, bias, running_mean, running_var,
-                         num_batches_tracked, momentum, eps):
+                         num_batches_tracked, momentum, eps, relu=False):
     """Training forward in one single-pass launch: ``geom`` = make_geometry(x, out), for
     which use_fused holds. Writes ``out`` and returns the batch (mean, invstd), fp32 [C];
     updates running stats in place."""
@@ -346,29 +353,31 @@ def launch_fused_forward(x, out, geom, weight, bias, running_mean, running_var,
             args + _slot_strides(geom, False, True),
             dict(BACKWARD=False, STAT_IS_VAR=False, HAS_WEIGHT=weight is not None,
                  HAS_BIAS=bias is not None, HAS_GRAD_WEIGHT=False, HAS_GRAD_BIAS=False,
-                 WRITE_OUT=True, **run_flags))
+                 WRITE_OUT=True, RELU=relu, **run_flags))
     _write_back((running_mean, running_var), dense)
     return mean, invstd
 
 
 def launch_fused_backward(x, dy, grad_input, mean, stat, weight, eps, *, stat_is_var,
-                          grad_weight, grad_bias):
+                          grad_weight, grad_bias, relu=False, bias=None):
     """Backward in one single-pass launch (use_fused must hold for ``backward_geometry``):
-    grad_input (when given), grad_weight and grad_bias (when given)."""
+    grad_input (when given), grad_weight and grad_bias (when given). ``relu``: BatchNorm +
+    ReLU, whose mask is recomputed from x, weight and ``bias``."""
     device = x.device
     geom = backward_geometry(x, dy, grad_input)
     dummy = _dummy(device)
     args = (x, dy, dummy if grad_input is None else grad_input, _vec(mean), _vec(stat),
-            dummy if weight is None else _vec(weight), dummy, dummy, dummy, dummy,
+            dummy if weight is None else _vec(weight), dummy if bias is None else _vec(bias),
+            dummy, dummy, dummy,
             dummy if grad_weight is None else grad_weight,
             dummy if grad_bias is None else grad_bias,
             0.0, float(eps), 1.0 / geom.reduction_size, *geom.sizes)
     _launch("bn_fused_kernel", geom, device, x.element_size(),
             args + _slot_strides(geom, True, grad_input is not None),
             dict(BACKWARD=True, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
-                 HAS_BIAS=False, UPDATE_RUNNING=False, CUMULATIVE=False,
+                 HAS_BIAS=bias is not None, UPDATE_RUNNING=False, CUMULATIVE=False,
                  HAS_GRAD_WEIGHT=grad_weight is not None, HAS_GRAD_BIAS=grad_bias is not None,
-                 WRITE_OUT=grad_input is not None))
+                 WRITE_OUT=grad_input is not None, RELU=relu))
 
 
 def backward_geometry(x, dy, grad_input=None) -> Geometry:
