@@ -81,7 +81,7 @@ def _check_tensors(input, running_mean, running_var, weight, bias):
 def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
                 momentum: Optional[float], eps: float,
-                num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+                num_batches_tracked: Optional[Tensor] = None, relu: bool = False) -> Tensor:
     """Kernel path. ``momentum=None`` with ``num_batches_tracked`` = cumulative average,
     its factor read on the device (no host synchronisation, graph-capturable)."""
     _check_args(input, running_mean, running_var, weight, bias, training, eps)
@@ -96,27 +96,28 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
         if torch._C._are_functorch_transforms_active():
             if training:
                 return _ops.FuncTrain.apply(input, weight, bias, running_mean, running_var,
-                                            nbt, momentum, eps)[0]
+                                            nbt, momentum, eps, relu)[0]
             return _ops.FuncApply.apply(input, weight, bias, running_mean, running_var,
-                                        False, eps)
+                                        False, eps, relu)
         grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, weight, bias))
         if training:
             if grad:
                 return _ops.EagerTrain.apply(input, weight, bias, running_mean, running_var,
-                                             nbt, momentum, eps)
+                                             nbt, momentum, eps, relu)
             return _ops.train_forward_impl(input, weight, bias, running_mean, running_var, nbt,
-                                           momentum, eps)[0]
+                                           momentum, eps, relu)[0]
         if grad:
             return _ops.EagerApply.apply(input, weight, bias, running_mean, running_var, False,
-                                         eps)
-        return _ops.apply_impl(input, weight, bias, running_mean, running_var, False, eps)
+                                         eps, relu)
+        return _ops.apply_impl(input, weight, bias, running_mean, running_var, False, eps, relu)
     mean, stat = running_mean, running_var
     if training:
         # detach: the gradient through the statistics is in batch_norm_apply's backward.
         mean, stat = torch.ops.tritonbn.batch_norm_stats(input.detach(), running_mean,
                                                          running_var, nbt, momentum, eps)
-    return torch.ops.tritonbn.batch_norm_apply(input, weight, bias, mean, stat, training, eps)
+    return torch.ops.tritonbn.batch_norm_apply(input, weight, bias, mean, stat, training, eps,
+                                               relu)
 
 
 def _traced() -> bool:
@@ -127,11 +128,16 @@ def _traced() -> bool:
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
-    """Drop-in for :func:`torch.nn.functional.batch_norm` (differentiable)."""
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
+               relu: bool = False) -> Tensor:
+    """Drop-in for :func:`torch.nn.functional.batch_norm` (differentiable). ``relu=True``
+    (not in torch's signature) returns ``relu(batch_norm(...))`` from the same kernels, with
+    no pass of its own over the tensor in the forward or the backward."""
     if momentum is None:  # torch's schema takes a float
         raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
     if not runs_on_triton(input):
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training,
-                            momentum, eps)
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        out = F.batch_norm(input, running_mean, running_var, weight, bias, training,
+                           momentum, eps)
+        return F.relu(out) if relu else out
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       relu=relu)

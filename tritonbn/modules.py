@@ -4,6 +4,7 @@ Triton kernels, and ``convert_model`` to switch an existing model over in place.
 from __future__ import annotations
 
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import _batch_norm, _check_tensors, _traced, runs_on_triton
@@ -13,13 +14,22 @@ from .ops.sync_batch_norm import SyncBatchNormFunction
 class _TritonBatchNorm:
     """Mixin holding the forward of torch's ``_BatchNorm`` with one change: for
     momentum=None the factor 1/num_batches_tracked is read on the device instead of
-    ``float(num_batches_tracked)`` on the host."""
+    ``float(num_batches_tracked)`` on the host.
+
+    ``fused_relu`` (set by ``convert_model(..., fuse_relu=True)``): the layer returns
+    relu(BatchNorm(x)) from the same kernels, standing in for a ReLU that followed it."""
+
+    fused_relu = False
 
     def forward(self, input: Tensor) -> Tensor:
         if not runs_on_triton(input):
-            return super().forward(input)
+            output = super().forward(input)
+            return F.relu(output) if self.fused_relu else output
         self._check_input_dim(input)
-        return _batch_norm(input, *self._arguments())
+        return _batch_norm(input, *self._arguments(), relu=self.fused_relu)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", fused_relu=True" if self.fused_relu else "")
 
     def _arguments(self) -> tuple:
         """(running_mean, running_var, weight, bias, training, momentum, eps,
@@ -99,13 +109,17 @@ class LazyBatchNorm3d(nn.LazyBatchNorm3d):
     cls_to_become = BatchNorm3d
 
 
+# Layers that can carry a fused ReLU (SyncBatchNorm's sync path has no ReLU flag).
+_FUSABLE = (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d,
+            LazyBatchNorm3d)
+
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
                  nn.BatchNorm3d: BatchNorm3d, nn.SyncBatchNorm: SyncBatchNorm,
                  nn.LazyBatchNorm1d: LazyBatchNorm1d, nn.LazyBatchNorm2d: LazyBatchNorm2d,
                  nn.LazyBatchNorm3d: LazyBatchNorm3d}
 
 
-def convert_model(module: nn.Module) -> nn.Module:
+def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
     """Turn every torch BatchNorm1d/2d/3d, SyncBatchNorm and LazyBatchNorm1d/2d/3d in
     ``module`` (itself included) into its tritonbn counterpart, in place, and return
     ``module``. A lazy layer becomes a tritonbn BatchNorm when its first input arrives
@@ -114,9 +128,27 @@ def convert_model(module: nn.Module) -> nn.Module:
     The class of each layer is switched, so the very same parameter and buffer objects stay
     (optimizers holding them keep working), with their device, dtype, requires_grad, the
     training flag and hooks. Only exact torch classes are converted: a user subclass may
-    override forward and is left alone."""
+    override forward and is left alone.
+
+    ``fuse_relu``: where an ``nn.Sequential`` runs a (non-sync) BatchNorm and then an
+    ``nn.ReLU``, the BatchNorm also applies the ReLU (``fused_relu``) and the ReLU is
+    replaced by ``nn.Identity``: one kernel instead of two, forward and backward. Only
+    Sequential containers are searched: a ReLU called from a ``forward`` method cannot be
+    seen from here. Hooks on the replaced ReLU go with it, and forward hooks on the
+    BatchNorm then see its ReLU'd output."""
     for m in module.modules():
         replacement = _REPLACEMENTS.get(type(m))
         if replacement is not None:
             m.__class__ = replacement
+    if fuse_relu:
+        for seq in module.modules():
+            if not isinstance(seq, nn.Sequential):
+                continue
+            names = list(seq._modules)
+            for first, second in zip(names, names[1:]):
+                bn, act = seq._modules[first], seq._modules[second]
+                if (type(bn) in _FUSABLE and type(act) is nn.ReLU
+                        and not getattr(bn, "fused_relu", False)):
+                    bn.fused_relu = True
+                    seq._modules[second] = nn.Identity()
     return module

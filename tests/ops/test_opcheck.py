@@ -150,3 +150,18 @@ def test_opcheck_mixed_and_strided_layouts(device):
     _check(ops.batch_norm_apply.default, (sliced, w, b, mean, stat, True, EPS))
     _check(ops.batch_norm_backward.default,
            (dy, sliced.detach(), w.detach(), mean, stat, True, EPS, [True, True, True]))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_relu(device, training):
+    """The relu flag (BatchNorm + ReLU) on both ops, channels_last."""
+    _, shape, dtype, cl = LAYOUTS[2]
+    C = shape[1]
+    x = _input(device, shape, dtype, cl, requires_grad=True)
+    w = torch.randn(C, device=device, requires_grad=True)
+    b = torch.randn(C, device=device, requires_grad=True)
+    mean, stat = _saved_stats(x, training, device)
+    _check(ops.batch_norm_apply.default, (x, w, b, mean, stat, training, EPS, True))
+    dy = _input(device, shape, dtype, cl)
+    _check(ops.batch_norm_backward.default,
+           (dy, x.detach(), w.detach(), mean, stat, training, EPS, FULL, b.detach(), True))

@@ -58,7 +58,8 @@ def test_grad_of_functional_call(training):
         _close(g, r, name)
 
 
-def test_vjp_of_functional_batch_norm():
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
+def test_vjp_of_functional_batch_norm(relu):
     """torch.func.vjp of tritonbn.batch_norm with batch statistics: output and cotangents."""
     x, dy = make_tensor(SHAPE), make_tensor(SHAPE)
     w, b, _, _ = make_params(SHAPE[1])
@@ -68,8 +69,12 @@ def test_vjp_of_functional_batch_norm():
         out, pullback = vjp(f, x.to(dtype), w.to(dtype), b.to(dtype))
         return [out, *pullback(dy.to(dtype))]
 
-    got = run(tritonbn.batch_norm, torch.float32)
-    ref = run(torch.nn.functional.batch_norm, torch.float64)
+    def torch_bn(*args):
+        out = torch.nn.functional.batch_norm(*args)
+        return torch.relu(out) if relu else out
+
+    got = run(lambda *a: tritonbn.batch_norm(*a, relu=relu), torch.float32)
+    ref = run(torch_bn, torch.float64)
     for name, g, r in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
         _close(g, r, name)
 

@@ -78,8 +78,10 @@ def apply_impl(
     stat: Tensor,
     batch_stats: bool,
     eps: float,
+    relu: bool = False,
 ) -> Tensor:
-    """y = (x - mean) * invstd * weight + bias, in the input's dtype and memory format.
+    """y = (x - mean) * invstd * weight + bias, in the input's dtype and memory format;
+    max(y, 0) with ``relu`` (BatchNorm + ReLU in one pass).
 
     ``batch_stats``: mean/stat are the batch mean/invstd from batch_norm_stats, and the
     backward differentiates through them (full BatchNorm training gradient). Otherwise they
@@ -88,7 +90,7 @@ def apply_impl(
     if input.numel() == 0:
         return output
     return launch_apply(input, None, output, mean, stat, weight, bias, None, eps,
-                        stat_is_var=not batch_stats, backward=False)
+                        stat_is_var=not batch_stats, backward=False, relu=relu)
 
 
 batch_norm_apply = torch.library.custom_op(
@@ -96,7 +98,7 @@ batch_norm_apply = torch.library.custom_op(
 
 
 @batch_norm_apply.register_fake
-def _(input, weight, bias, mean, stat, batch_stats, eps):
+def _(input, weight, bias, mean, stat, batch_stats, eps, relu=False):
     return torch.empty_like(input)
 
 
@@ -120,8 +122,11 @@ def backward_impl(
     batch_stats: bool,
     eps: float,
     grad_input_mask: list[bool],
+    bias: Optional[Tensor] = None,
+    relu: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias); an entry whose mask is False is empty.
+    ``relu``: the backward of BatchNorm + ReLU (its mask recomputed from x, weight, bias).
 
     ``batch_stats``: mean/stat are the saved batch mean/invstd (training). Otherwise they
     are running_mean/running_var (eval), and invstd = 1/sqrt(running_var + eps)."""
@@ -135,7 +140,7 @@ def backward_impl(
         launch_fused_backward(input, grad_output, grad_input if want_input else None, mean,
                               stat, weight, eps, stat_is_var=not batch_stats,
                               grad_weight=grad_weight if want_weight else None,
-                              grad_bias=grad_bias if want_bias else None)
+                              grad_bias=grad_bias if want_bias else None, relu=relu, bias=bias)
         return grad_input, grad_weight, grad_bias
     coef = None
     if want_weight or want_bias or (want_input and batch_stats):
@@ -143,10 +148,10 @@ def backward_impl(
             input, grad_output, mean, stat, eps, stat_is_var=not batch_stats,
             grad_weight=grad_weight if want_weight else None,
             grad_bias=grad_bias if want_bias else None,
-            want_coef=want_input and batch_stats)
+            want_coef=want_input and batch_stats, relu=relu, weight=weight, bias=bias)
     if want_input:
-        launch_apply(input, grad_output, grad_input, mean, stat, weight, None, coef, eps,
-                     stat_is_var=not batch_stats, backward=True)
+        launch_apply(input, grad_output, grad_input, mean, stat, weight, bias, coef, eps,
+                     stat_is_var=not batch_stats, backward=True, relu=relu)
     return grad_input, grad_weight, grad_bias
 
 
@@ -155,20 +160,23 @@ batch_norm_backward = torch.library.custom_op(
 
 
 @batch_norm_backward.register_fake
-def _(grad_output, input, weight, mean, stat, batch_stats, eps, grad_input_mask):
+def _(grad_output, input, weight, mean, stat, batch_stats, eps, grad_input_mask, bias=None,
+      relu=False):
     return _grad_buffers(input, weight, grad_input_mask)
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, mean, stat, batch_stats, eps = inputs
-    ctx.save_for_backward(input, weight, mean, stat)
+    input, weight, bias, mean, stat, batch_stats, eps, relu = inputs
+    ctx.relu = relu
+    # bias only matters to the backward through ReLU's recomputed mask
+    ctx.save_for_backward(input, weight, bias if ctx.relu else None, mean, stat)
     ctx.batch_stats = batch_stats
     ctx.eps = eps
     ctx.has_bias = bias is not None
 
 
 def differentiable_backward(grad_output, input, weight, mean, stat, batch_stats, eps,
-                            grad_input_mask):
+                            grad_input_mask, bias=None, relu=False):
     """The backward of batch_norm_apply written with torch operations, so that autograd can
     differentiate it again (double backward: ``create_graph=True``, e.g. a gradient penalty).
     The kernels' gradients carry no graph: returned as they are, the second-order terms
@@ -190,6 +198,10 @@ def differentiable_backward(grad_output, input, weight, mean, stat, batch_stats,
         mean = mean.float().view(shape)
         invstd = torch.rsqrt(stat.float().view(shape) + eps)
     xhat = (x - mean) * invstd
+    if relu:  # max(y, 0): the gradient passes where y > 0 (a mask: constant to autograd)
+        y = xhat if weight is None else xhat * weight.float().view(shape)
+        y = y if bias is None else y + bias.float().view(shape)
+        dy = dy * (y > 0)
     grad_bias = dy.sum(dims)
     grad_weight = (dy * xhat).sum(dims)
     scale = invstd if weight is None else invstd * weight.float().view(shape)
@@ -204,16 +216,16 @@ def differentiable_backward(grad_output, input, weight, mean, stat, batch_stats,
 
 
 def _backward(ctx, grad_output, backward_fn=None):
-    input, weight, mean, stat = ctx.saved_tensors
+    input, weight, bias, mean, stat = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2]]
     if torch.is_grad_enabled() and input.numel() != 0:
         backward_fn = differentiable_backward  # create_graph=True: see its docstring
     backward_fn = backward_fn or torch.ops.tritonbn.batch_norm_backward
     grad_input, grad_weight, grad_bias = backward_fn(
-        grad_output, input, weight, mean, stat, ctx.batch_stats, ctx.eps, mask)
+        grad_output, input, weight, mean, stat, ctx.batch_stats, ctx.eps, mask, bias, ctx.relu)
     return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
-            grad_bias if mask[2] else None, None, None, None, None)
+            grad_bias if mask[2] else None, None, None, None, None, None)
 
 
 batch_norm_apply.register_autograd(_backward, setup_context=_setup_context)
@@ -252,28 +264,29 @@ class FuncApply(EagerApply):
 
 
 def train_forward_impl(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                       momentum, eps):
+                       momentum, eps, relu=False):
     """Training forward (batch statistics): (output, mean, invstd). One single-pass launch
     where the shape fits it (kernels/fused.py), else batch_norm_stats' and
-    batch_norm_apply's implementations (two launches)."""
+    batch_norm_apply's implementations (two launches). ``relu``: max(output, 0)."""
     output = torch.empty_like(input)
     geom = make_geometry(input, output) if input.numel() != 0 else None
     if geom is not None and use_fused(geom):
         mean, invstd = launch_fused_forward(input, output, geom, weight, bias, running_mean,
-                                            running_var, num_batches_tracked, momentum, eps)
+                                            running_var, num_batches_tracked, momentum, eps,
+                                            relu)
         return output, mean, invstd
     mean, invstd = stats_impl(input, running_mean, running_var, num_batches_tracked,
                               momentum, eps)
     if input.numel() != 0:
         launch_apply(input, None, output, mean, invstd, weight, bias, None, eps,
-                     stat_is_var=False, backward=False)
+                     stat_is_var=False, backward=False, relu=relu)
     return output, mean, invstd
 
 
 def _save_train(ctx, inputs, output, mean, invstd):
     """Saved state of a training forward: batch_norm_apply's with batch_stats=True."""
-    input, weight, bias, *_, eps = inputs
-    _setup_context(ctx, (input, weight, bias, mean, invstd, True, eps), output)
+    input, weight, bias, _, _, _, _, eps, relu = inputs
+    _setup_context(ctx, (input, weight, bias, mean, invstd, True, eps, relu), output)
 
 
 class EagerTrain(torch.autograd.Function):
@@ -292,7 +305,7 @@ class EagerTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, *_grad_stats):
         grad_input, grad_weight, grad_bias = _backward(ctx, grad_output, backward_impl)[:3]
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 class FuncTrain(EagerTrain):

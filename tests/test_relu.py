@@ -1,0 +1,169 @@
+"""BatchNorm + ReLU in one op: ``tritonbn.batch_norm(..., relu=True)`` and layers fused by
+``convert_model(..., fuse_relu=True)``, against relu(batch_norm(x)) by torch in float64.
+
+The backward recomputes the ReLU mask from x instead of storing it: these tests check
+outputs, all three gradients and the running statistics on both kernel paths, in training
+and eval, with and without affine parameters, across dtypes and layouts.
+"""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tritonbn
+from tests.reference import (DEVICE, Call, assert_close_to_reference, make_params, make_tensor,
+                             reference_scales)
+
+pytestmark = pytest.mark.usefixtures("kernel_path")  # both kernel paths (conftest)
+
+SHAPE = (4, 6, 5, 7)
+
+
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "contiguous"),
+                                          (torch.bfloat16, "channels_last"),
+                                          (torch.float16, "sliced")],
+                         ids=["fp32", "bf16_cl", "fp16_sliced"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_functional_relu_matches_torch(dtype, layout, training, affine):
+    # mean 0.3: about 60% of the pre-activations are positive, so both sides of the mask
+    # carry weight in every sum
+    x = make_tensor(SHAPE, dtype, layout, mean=0.3)
+    dy = make_tensor(SHAPE, dtype, layout)
+    w, b, rm, rv = make_params(SHAPE[1])
+    if not affine:
+        w = b = None
+
+    def run(fn, cast):
+        leaves = [cast(x).requires_grad_()] + ([cast(w).requires_grad_(),
+                                                cast(b).requires_grad_()] if affine else [])
+        params = leaves[1:] if affine else [None, None]
+        stats = [cast(rm), cast(rv)]
+        y = fn(leaves[0], *stats, *params, training)
+        grads = torch.autograd.grad(y, leaves, cast(dy))
+        return [y.detach(), *grads, *stats]
+
+    got = run(lambda *a: tritonbn.batch_norm(*a, momentum=0.1, eps=1e-5, relu=True),
+              lambda t: t.clone())
+    ref = run(lambda *a: F.relu(F.batch_norm(*a, momentum=0.1, eps=1e-5)),
+              lambda t: t.double())
+
+    # Magnitudes of the terms: those of BatchNorm itself (reference.reference_scales). The
+    # ReLU only zeroes some dy, so BatchNorm's bounds hold for the kept ones, and a wrong
+    # mask moves a gradient by whole dy values, far past them.
+    scales = reference_scales(Call(x, w, b, rm, rv, training, grad_output=dy))
+    names = ["output", "grad_input"] + (["grad_weight", "grad_bias"] if affine else [])
+    names += ["running_mean", "running_var"]
+    for name, g, r in zip(names, got, ref):
+        assert_close_to_reference(name, g, r, scales[name])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_double_backward_with_relu(training):
+    """create_graph=True through BatchNorm + ReLU (ops.differentiable_backward applies the
+    mask): second-order gradients of a gradient penalty match torch's in float64."""
+    x, dy = make_tensor(SHAPE, mean=0.3), make_tensor(SHAPE)
+    w, b, rm, rv = make_params(SHAPE[1])
+
+    def penalty(fn, cast):
+        leaves = [cast(t).requires_grad_() for t in (x, w, b)]
+        y = fn(leaves[0], cast(rm), cast(rv), leaves[1], leaves[2], training)
+        first = torch.autograd.grad((y * cast(dy)).sum(), leaves, create_graph=True)
+        # the mask is constant to autograd: nothing of second order reaches the bias
+        second = torch.autograd.grad(sum((g ** 2).sum() for g in first), leaves,
+                                     allow_unused=True)
+        second = [torch.zeros_like(t) if s is None else s for s, t in zip(second, leaves)]
+        return [t.detach().double() for t in (*first, *second)]
+
+    got = penalty(lambda *a: tritonbn.batch_norm(*a, relu=True), lambda t: t.clone())
+    ref = penalty(lambda *a: F.relu(F.batch_norm(*a)), lambda t: t.double())
+    for i, (g, r) in enumerate(zip(got, ref)):
+        # fp32 values of terms up to |ref|: a few ulps of the largest, relative to it
+        bound = 1e-5 * (r.abs().max() + 1e-3)
+        assert (g - r).abs().max() <= bound, (i, (g - r).abs().max().item(), bound.item())
+
+
+def test_relu_costs_no_launch(kernel_launches, kernel_path):
+    """The ReLU rides in the BatchNorm kernels: the same launches as without it."""
+    x = make_tensor(SHAPE).requires_grad_()
+    for relu in (False, True):
+        kernel_launches.clear()
+        y = tritonbn.batch_norm(x, None, None, None, None, True, relu=relu)
+        y.backward(torch.ones_like(y))
+        counts = dict(kernel_launches)
+        if relu:
+            assert counts == without
+        without = counts
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="counts bytes in the Triton interpreter")
+def test_relu_costs_no_traffic(kernel_path, monkeypatch):
+    """Bytes the kernels move, counted in the interpreter (perf/_traffic.py): the fused
+    ReLU adds none to the training forward and backward (a separate ReLU would add 2 and 3
+    passes over the tensor)."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "perf"))
+    from _traffic import TrafficCounter
+
+    x = make_tensor(SHAPE)
+    dy = make_tensor(SHAPE)
+    w, b, _, _ = make_params(SHAPE[1])
+    moved = {}
+    for relu in (False, True):
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+        with TrafficCounter() as fwd:
+            y = tritonbn.batch_norm(xr, None, None, wr, br, True, relu=relu)
+        with TrafficCounter() as bwd:
+            y.backward(dy)
+        moved[relu] = [c.summary(x.numel())["bytes_per_element"] for c in (fwd, bwd)]
+    assert moved[True] == moved[False]
+    # single-pass / split: forward 2 / 3 passes (+ one value per channel, the shift),
+    # backward 3 / 5, 4-byte elements
+    assert round(moved[False][0]) in (8, 12) and round(moved[False][1]) in (12, 20), moved
+
+
+def _block():
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+                         nn.Flatten(2), nn.BatchNorm1d(6), nn.Sigmoid()).to(DEVICE)
+
+
+def test_convert_model_fuses_relu_in_sequential():
+    """fuse_relu: each BatchNorm -> ReLU pair of a Sequential becomes one layer (the ReLU an
+    Identity); outputs, gradients and running statistics stay those of the torch model."""
+    torch_model = _block()
+    model = tritonbn.convert_model(copy.deepcopy(torch_model), fuse_relu=True)
+    assert [type(m).__name__ for m in model] == [
+        "Conv2d", "BatchNorm2d", "Identity", "Conv2d", "BatchNorm2d", "Identity", "Flatten",
+        "BatchNorm1d", "Sigmoid"]
+    assert model[1].fused_relu and model[4].fused_relu and not model[7].fused_relu
+    assert "fused_relu=True" in repr(model[1])
+    x = make_tensor((2, 3, 4, 5))
+    outputs = []
+    for m in (torch_model, model):
+        y = m(x)
+        y.sum().backward()
+        outputs.append((y.detach(), m[0].weight.grad, m[1].running_var.clone()))
+    for got, ref in zip(*outputs):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_relu_under_compile():
+    """The flag travels through the custom ops under torch.compile (aot_eager): compiled
+    training steps give eager's outputs and gradients."""
+    torch._dynamo.reset()
+    model = tritonbn.convert_model(_block(), fuse_relu=True)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = make_tensor((2, 3, 4, 5))
+    results = []
+    for m in (eager, compiled):
+        y = m(x)
+        y.sum().backward()
+        results.append((y.detach(), eager[0].weight.grad if m is eager else model[0].weight.grad))
+    for got, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
