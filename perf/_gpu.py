@@ -197,7 +197,7 @@ class Bencher:
                     numel=case.numel, rot_sets=k,
                     rot_bytes=2 * k * case.numel * case.elem_size)
         try:
-            if prov == "torch_compile":
+            if prov.startswith("torch_compile"):
                 torch._dynamo.reset()
             m, fwd = P.make(prov, len(case.shape), case.shape[1], DEVICE, case.dtype)
         except Exception as e:
@@ -221,6 +221,8 @@ class Bencher:
         torch.cuda.synchronize()
         row["first_call_s"] = round(time.perf_counter() - t0, 3)
         if phase == "train_fwd" and ref is not None and prov != "apex":
+            if prov in S.RELU_PROVIDERS:
+                ref = ref.clamp_min(0)
             row["max_rel_err_vs_fp64"] = ((out.double() - ref).abs().max()
                                           / ref.abs().max()).item()
         del out
@@ -267,9 +269,11 @@ def add_speedups(rows: list[dict]) -> None:
         if r.get("ms"):
             ms[key(r) + (r["provider"],)] = r["ms"]
     for r in rows:
-        if r["provider"] == "tritonbn" and r.get("ms"):
+        if r["provider"] in ("tritonbn", "tritonbn_relu") and r.get("ms"):
+            relu = r["provider"] in S.RELU_PROVIDERS  # BatchNorm + ReLU against its peers
             for (*k, prov), v in ms.items():
-                if tuple(k) == key(r) and prov != "tritonbn":
+                if (tuple(k) == key(r) and prov != r["provider"]
+                        and (prov in S.RELU_PROVIDERS) == relu):
                     r[f"speedup_vs_{prov}"] = v / r["ms"]
 
 

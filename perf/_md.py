@@ -215,6 +215,7 @@ def gpu_report(summary: dict, out_dir: str, plots: list[str]) -> str:
     L += _gpu_network(summary)
     for phase in summary.get("phases", S.PHASES):
         L += _gpu_phase(summary, phase)
+    L += _gpu_relu(summary)
     skipped = summary.get("skipped_budget", [])
     errs = [r for r in summary.get("rows", []) if r.get("error")]
     if skipped:
@@ -255,8 +256,22 @@ def _gpu_network(summary) -> list[str]:
     return L + [""]
 
 
+def _gpu_relu(summary) -> list[str]:
+    rows = [r for r in summary.get("rows", []) if r["provider"] == "tritonbn_relu"]
+    if not rows:
+        return []
+    table = [[r["family"], r["name"], r["layout"], r["dtype"], PHASE_TITLES[r["phase"]],
+              r.get("ms"), r.get("gbps"), r.get("speedup_vs_torch_relu"),
+              r.get("speedup_vs_torch_compile_relu"), r.get("error", "")] for r in rows]
+    return ["## BatchNorm + ReLU (tritonbn's fused ReLU against BatchNorm then ReLU)", "",
+            md_table(["family", "layer", "layout", "dtype", "phase", "tritonbn_relu ms",
+                      "GB/s (BatchNorm bytes)", "speedup vs torch BN+ReLU",
+                      "speedup vs compiled BN+ReLU", "error"], table), ""]
+
+
 def _gpu_phase(summary, phase) -> list[str]:
-    rows = [r for r in summary.get("rows", []) if r.get("phase") == phase]
+    rows = [r for r in summary.get("rows", []) if r.get("phase") == phase
+            and r["provider"] not in S.RELU_PROVIDERS]
     if not rows:
         return []
     key = lambda r: (r["family"], r["name"], r["shape"], r["layout"], r["dtype"])

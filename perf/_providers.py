@@ -7,7 +7,9 @@ off, TRITONBN_FUSED=0: the split path, statistics then apply, on every shape, so
 two paths can be compared on the shapes the single-pass kernel takes), ``torch`` (eager:
 cuDNN or PyTorch's native kernels, as torch chooses), ``torch_compile`` (the same torch
 module through torch.compile / Inductor), ``apex`` (apex.contrib.groupbn NHWC fp16, only
-when importable).
+when importable); and BatchNorm + ReLU: ``tritonbn_relu`` (the ReLU fused into tritonbn's
+kernels), ``torch_relu`` (torch's BatchNorm then nn.ReLU), ``torch_compile_relu`` (that
+pair through torch.compile, which fuses the ReLU into its own normalize kernel).
 Every provider is a module with fp32 parameters and running statistics (the AMP set-up).
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import torch
 from torch import nn
 
+import _shapes as S
 import tritonbn
 
 TORCH_CLASSES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
@@ -29,6 +32,7 @@ TRITONBN_ENV = {
     "tritonbn": {"TRITONBN_AUTOTUNE": "0", "TRITONBN_FUSED": "1"},
     "tritonbn_tuned": {"TRITONBN_AUTOTUNE": "1", "TRITONBN_FUSED": "1"},
     "tritonbn_split": {"TRITONBN_AUTOTUNE": "0", "TRITONBN_FUSED": "0"},
+    "tritonbn_relu": {"TRITONBN_AUTOTUNE": "0", "TRITONBN_FUSED": "1"},
 }
 
 
@@ -93,9 +97,13 @@ def make(provider: str, ndim: int, C: int, device, dtype_name: str = "fp32"):
     if provider.startswith("tritonbn"):
         cls = getattr(tritonbn, cls.__name__)
     m = init_module(cls(C)).to(device)
-    if provider == "torch_compile":
-        return m, torch.compile(m, dynamic=False)
-    return m, m
+    if provider == "tritonbn_relu":
+        m.fused_relu = True
+        return m, m
+    fwd = nn.Sequential(m, nn.ReLU()) if provider in S.RELU_PROVIDERS else m
+    if provider.startswith("torch_compile"):
+        return m, torch.compile(fwd, dynamic=False)
+    return m, fwd
 
 
 def params(m: nn.Module) -> list[torch.Tensor]:

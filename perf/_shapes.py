@@ -6,7 +6,7 @@ NHWC / NDHWC are torch.channels_last / channels_last_3d, NC and NCL are BatchNor
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -29,6 +29,12 @@ RESNET50_BN = (
 )
 # Layers used where only a few ResNet-50 shapes fit the time budget (large to small HW).
 RESNET50_FEW = ("stem", "l1.b", "l3.b", "l4.b")
+
+
+# BatchNorm followed by ReLU: tritonbn with the ReLU fused in (convert_model fuse_relu),
+# torch's BatchNorm then nn.ReLU, and that pair through torch.compile. Compared with one
+# another only; their cases have a family ending in "+relu".
+RELU_PROVIDERS = ("tritonbn_relu", "torch_relu", "torch_compile_relu")
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ def gpu_cases(quick: bool = False, autotune: str = "subset", compile_: bool = Tr
     l3.* and l4.* layers, and the other layers, where both run the split path, complete the
     whole-network sums), fp32 and fp16 on four layers at batch 256, torch.compile on two layers
     (its compile time is large), BatchNorm1d with large batches, BatchNorm3d video shapes,
-    small C with large spatial size, and last the autotuned tritonbn on one layer
+    small C with large spatial size, BatchNorm + ReLU on two channels_last layers
+    (RELU_PROVIDERS), and last the autotuned tritonbn on one layer
     (first-call tuning compiles and times every candidate config)."""
     if quick:
         cases = resnet50_cases(256, "bf16", layers=("l1.b", "l4.b"))
@@ -117,6 +124,10 @@ def gpu_cases(quick: bool = False, autotune: str = "subset", compile_: bool = Tr
             cases.append(Case("small_c", f"C={shape[1]} L={shape[2] * shape[3]}", shape,
                               layout, "bf16"))
     cases.append(Case("small_c", "C=4 L=65536", (32, 4, 65536), "NCL", "bf16"))
+    relu = RELU_PROVIDERS if compile_ else RELU_PROVIDERS[:2]
+    cases += [replace(c, family=c.family + "+relu")
+              for c in resnet50_cases(256, "bf16", layers=("l1.b", "l3.b"), layouts=("NHWC",),
+                                      providers=relu)]
     if autotune == "subset":
         cases += resnet50_cases(256, "bf16", layers=("l1.b",), providers=("tritonbn_tuned",))
     elif autotune == "all":

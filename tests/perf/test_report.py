@@ -95,6 +95,8 @@ def test_gpu_pipeline_on_cpu(tmp_path, monkeypatch):
                     ("tritonbn", "tritonbn_split", "torch"))
              for layout in ("NCHW", "NHWC") for n, _, _, count in S.RESNET50_BN]
     cases.append(S.Case("bn1d", "tiny", (16, 4), "NC", "bf16"))
+    cases.append(S.Case("resnet50_b32+relu", "l1.b", (2, 4, 3, 3), "NHWC", "fp32", 1,
+                        ("tritonbn_relu", "torch_relu")))
     monkeypatch.setattr(_gpu.S, "gpu_cases", lambda *a: cases)
     opts = report.parse_args(["--phases", "train_fwd,bwd,fwd_bwd,eval_fwd", "--no-graphs", "--profile", "none"])
     opts.phases = tuple(opts.phases.split(","))
@@ -107,6 +109,9 @@ def test_gpu_pipeline_on_cpu(tmp_path, monkeypatch):
     assert all(r["ms"] > 0 and "speedup_vs_torch" in r for r in t)
     assert all("speedup_vs_tritonbn_split" in r for r in t if r["family"] == "resnet50_b32")
     assert any(r["provider"] == "tritonbn_split" and r["ms"] > 0 for r in rows)
+    relu = [r for r in rows if r["provider"] == "tritonbn_relu"]
+    assert relu and all("speedup_vs_torch_relu" in r and "speedup_vs_torch" not in r
+                        for r in relu)
     assert all(r["max_rel_err_vs_fp64"] < 1e-2 for r in rows if r["phase"] == "train_fwd")
     assert len(summary["network_sums"]) == 2 * 4 * 3  # layouts x phases x providers
     n, names = _gpu._profile(lambda: torch.ones(3) + 1)  # profiler plumbing (no GPU work)
@@ -116,3 +121,4 @@ def test_gpu_pipeline_on_cpu(tmp_path, monkeypatch):
     for name in ("results.csv", "summary.json", "report.md", "speedup_resnet50.png",
                  "bandwidth_train_fwd.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+    assert "## BatchNorm + ReLU" in (tmp_path / "report.md").read_text()

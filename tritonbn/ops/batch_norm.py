@@ -132,6 +132,8 @@ def backward_impl(
     are running_mean/running_var (eval), and invstd = 1/sqrt(running_var + eps)."""
     want_input, want_weight, want_bias = grad_input_mask
     grad_input, grad_weight, grad_bias = _grad_buffers(input, weight, grad_input_mask)
+    # the backward reads bias (and, in the statistics kernel, weight) only for ReLU's mask
+    bias = bias if relu else None
     if input.numel() == 0:
         grad_weight.zero_()
         grad_bias.zero_()
@@ -148,7 +150,8 @@ def backward_impl(
             input, grad_output, mean, stat, eps, stat_is_var=not batch_stats,
             grad_weight=grad_weight if want_weight else None,
             grad_bias=grad_bias if want_bias else None,
-            want_coef=want_input and batch_stats, relu=relu, weight=weight, bias=bias)
+            want_coef=want_input and batch_stats, relu=relu,
+            weight=weight if relu else None, bias=bias)
     if want_input:
         launch_apply(input, grad_output, grad_input, mean, stat, weight, bias, coef, eps,
                      stat_is_var=not batch_stats, backward=True, relu=relu)
