@@ -167,3 +167,52 @@ def test_fused_relu_under_compile():
     for got, ref in zip(results[1], results[0]):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+class _Bottleneck(nn.Module):
+    """torchvision's ResNet bottleneck pattern: ReLUs called from forward, one shared ReLU
+    module, a functional ReLU, and a BatchNorm whose output meets the residual first."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv3, self.bn3 = nn.Conv2d(c, c, 1), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + x)
+
+
+class _Twice(nn.Module):
+    """One BatchNorm module called twice: fusing it would change both calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return torch.relu(self.bn(x)) + self.bn(x)
+
+
+def test_fuse_relu_traced_resnet_block():
+    """torch.fx fusion: bn1 and bn2 take their ReLU, bn3 (residual first) does not; the
+    traced model trains like the torch one (outputs, gradients, running statistics)."""
+    torch_model = nn.Sequential(_Bottleneck(), _Twice()).to(DEVICE)
+    model = copy.deepcopy(torch_model)
+    gm = tritonbn.fuse_relu_traced(model)
+    fused = {n: m.fused_relu for n, m in gm.named_modules() if hasattr(m, "fused_relu")}
+    assert fused == {"0.bn1": True, "0.bn2": True, "0.bn3": False, "1.bn": False}
+    assert gm.state_dict().keys() == torch_model.state_dict().keys()
+    x = make_tensor((2, 6, 4, 5))
+    results = []
+    for m in (torch_model, gm):
+        y = m(x)
+        y.sum().backward()
+        results.append([y.detach()] + [p.grad for p in m.parameters()]
+                       + [b.clone() for b in m.buffers()])
+    for got, ref in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
