@@ -3,11 +3,13 @@
 ``convert_model(..., fuse_relu=True)`` cannot see. The model is traced with torch.fx."""
 from __future__ import annotations
 
+import collections
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .modules import _FUSABLE, _TritonBatchNorm, convert_model
+from .modules import _FUSABLE, _TritonBatchNorm, _take_relu, convert_model
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
@@ -39,20 +41,15 @@ def fuse_relu_traced(model: nn.Module) -> fx.GraphModule:
     convert_model(model)
     gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     modules = dict(gm.named_modules())
-    calls = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     for node in list(gm.graph.nodes):
         if not _is_relu(node, modules) or not node.args:
             continue
         source = node.args[0]
         if not (isinstance(source, fx.Node) and source.op == "call_module"):
             continue
-        bn = modules[source.target]
-        if (type(bn) in _FUSABLE and calls[source.target] == 1 and len(source.users) == 1
-                and not getattr(bn, "fused_relu", False)):
-            bn.fused_relu = True
+        if (calls[source.target] == 1 and len(source.users) == 1
+                and _take_relu(modules[source.target])):
             node.replace_all_uses_with(source)
             gm.graph.erase_node(node)
     gm.graph.lint()

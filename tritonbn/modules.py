@@ -113,6 +113,17 @@ class LazyBatchNorm3d(nn.LazyBatchNorm3d):
 _FUSABLE = (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d,
             LazyBatchNorm3d)
 
+
+def _take_relu(bn: nn.Module) -> bool:
+    """Give ``bn`` the ReLU that follows it when it can carry one (a non-sync tritonbn
+    BatchNorm, lazy ones included, without one yet); True when it took it. Shared by
+    convert_model(fuse_relu=True) and fx.fuse_relu_traced."""
+    if type(bn) in _FUSABLE and not getattr(bn, "fused_relu", False):
+        bn.fused_relu = True
+        return True
+    return False
+
+
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
                  nn.BatchNorm3d: BatchNorm3d, nn.SyncBatchNorm: SyncBatchNorm,
                  nn.LazyBatchNorm1d: LazyBatchNorm1d, nn.LazyBatchNorm2d: LazyBatchNorm2d,
@@ -146,9 +157,6 @@ def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
                 continue
             names = list(seq._modules)
             for first, second in zip(names, names[1:]):
-                bn, act = seq._modules[first], seq._modules[second]
-                if (type(bn) in _FUSABLE and type(act) is nn.ReLU
-                        and not getattr(bn, "fused_relu", False)):
-                    bn.fused_relu = True
+                if type(seq._modules[second]) is nn.ReLU and _take_relu(seq._modules[first]):
                     seq._modules[second] = nn.Identity()
     return module

@@ -284,6 +284,8 @@ def test_fused_every_config(cfg, device, forced_config):
         xd, dyd, wd = x.double(), dy.double(), _bc(w.double(), x)
         xhat = (xd - _bc(ref_mean, x)) * _bc(ref_invstd, x)
         assert y.stride() == x.stride()
+        # y (and dx below) are built on the kernel's own invstd, whose 1e-4 bound (as in the
+        # split statistics test) carries through: the output cannot be tighter than it.
         _close(y, xhat * wd + _bc(b.double(), x), (xhat.abs() + 1) * wd.abs() + 1, rtol=1e-4)
 
         for batch_stats in (True, False):

@@ -83,13 +83,13 @@ def bn_fused_kernel(
 
     if BACKWARD:
         mean, invstd = load_channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, STAT_IS_VAR)
+        scale = _scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
         dy_offs = tile_offsets(o0, o1, o2, i, c, sd0, sd1, sd2, sdi, sdc, CONTIG, VEC)
         dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
         if needs_x:
             xmu = tl.where(mask, x - mean[None, None, :], 0.0)
         if RELU:  # the gradient that reaches BatchNorm through max(y, 0)
-            y = pre_activation(xmu, _scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT),
-                               bias_ptr, c, c_mask, HAS_BIAS)
+            y = pre_activation(xmu, scale, bias_ptr, c, c_mask, HAS_BIAS)
             dy = tl.where(y > 0.0, dy, 0.0)
         sum_dy = tl.sum(tl.sum(dy, 1), 0)
         if needs_x:
@@ -110,6 +110,7 @@ def bn_fused_kernel(
         mean = mean_k + shift
         xmu = tl.where(mask, x - mean[None, None, :], 0.0)
         invstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        scale = _scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
         tl.store(mean_ptr + c, mean, mask=c_mask)
         tl.store(stat_ptr + c, invstd, mask=c_mask)
         if UPDATE_RUNNING:
@@ -117,7 +118,6 @@ def bn_fused_kernel(
                                  m, momentum, CUMULATIVE)
 
     if WRITE_OUT:
-        scale = _scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
         if BACKWARD:
             if STAT_IS_VAR:
                 out = dy * scale
