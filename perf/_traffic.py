@@ -18,8 +18,9 @@ import contextlib
 
 import numpy as np
 
-# Kernel arguments that are full N*C*L tensors: the traffic that sets BatchNorm's speed.
-BIG_ARGS = ("x_ptr", "dy_ptr", "out_ptr")
+# Kernel arguments that are full N*C*L tensors: the traffic that sets BatchNorm's speed
+# (z, dz: a fused residual and its gradient).
+BIG_ARGS = ("x_ptr", "dy_ptr", "out_ptr", "z_ptr", "dz_ptr")
 
 
 def _span(t) -> tuple[int, int]:

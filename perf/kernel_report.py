@@ -86,8 +86,8 @@ QUICK_FUSED = ((1, 4), (16, 8))  # (BLOCK_C, num_warps) compiled by --quick
 # Flag variants: the rows above compile each kernel in the mode its launcher uses for a
 # training step; these compile, once each (default config, sm_90, bf16, NCHW), the other
 # constexpr branches the launchers can take: eval mode, absent weight / bias / running
-# statistics / outputs, momentum=None, 64-bit offsets, and no unit-stride axis (CONTIG=0,
-# e.g. a strided slice). The interpreter runs them all in the tests but does not compile
+# statistics / outputs, momentum=None, 64-bit offsets, no unit-stride axis (CONTIG=0,
+# e.g. a strided slice), the fused ReLU and the fused residual add. The interpreter runs them all in the tests but does not compile
 # them; a branch that fails to compile for a GPU would otherwise go unseen.
 _EVERY_KERNEL_VARIANTS = [dict(INT64=True), dict(CONTIG=0, VEC=1)]
 FLAG_VARIANTS = {label: variants + _EVERY_KERNEL_VARIANTS for label, variants in {
@@ -95,22 +95,25 @@ FLAG_VARIANTS = {label: variants + _EVERY_KERNEL_VARIANTS for label, variants in
                         dict(UPDATE_RUNNING=False, WRITE_VAR=True)],
     "bn_grad_stats_kernel": [dict(STAT_IS_VAR=True, WRITE_COEF=False),
                              dict(HAS_GRAD_WEIGHT=False), dict(HAS_GRAD_BIAS=False),
-                             dict(RELU=True, HAS_WEIGHT=True, HAS_BIAS=True)],
+                             dict(RELU=True, HAS_WEIGHT=True, HAS_BIAS=True),
+                             dict(RELU=True, HAS_WEIGHT=True, HAS_BIAS=True, RESIDUAL=True)],
     "bn_apply_kernel[fwd]": [dict(STAT_IS_VAR=True), dict(HAS_WEIGHT=False, HAS_BIAS=False),
-                             dict(RELU=True)],
+                             dict(RELU=True), dict(RESIDUAL=True),
+                             dict(RELU=True, RESIDUAL=True, STAT_IS_VAR=True)],
     "bn_apply_kernel[bwd]": [dict(BATCH_STATS=False, STAT_IS_VAR=True),
                              dict(HAS_WEIGHT=False), dict(RELU=True, HAS_BIAS=True),
                              dict(RELU=True, HAS_BIAS=True, BATCH_STATS=False,
                                   STAT_IS_VAR=True)],
     "bn_fused_kernel[fwd]": [dict(HAS_WEIGHT=False, HAS_BIAS=False),
                              dict(UPDATE_RUNNING=False), dict(CUMULATIVE=True),
-                             dict(RELU=True)],
+                             dict(RELU=True), dict(RESIDUAL=True, RELU=True)],
     "bn_fused_kernel[bwd]": [dict(STAT_IS_VAR=True),
                              dict(STAT_IS_VAR=True, HAS_GRAD_WEIGHT=False),
                              dict(HAS_GRAD_WEIGHT=False, HAS_GRAD_BIAS=False),
                              dict(WRITE_OUT=False), dict(HAS_WEIGHT=False),
                              dict(RELU=True, HAS_BIAS=True),
-                             dict(RELU=True, HAS_BIAS=True, STAT_IS_VAR=True)],
+                             dict(RELU=True, HAS_BIAS=True, STAT_IS_VAR=True),
+                             dict(RELU=True, HAS_BIAS=True, RESIDUAL=True)],
 }.items()}
 LAYOUTS = ("nchw", "channels_last")
 ARCHS = (90, 80)

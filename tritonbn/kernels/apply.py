@@ -4,9 +4,12 @@ of each input and one write of the output, in the output's own dtype and layout.
     forward:              y  = (x - mean) * invstd * weight + bias
     backward, training:   dx = (dy - k1 - (x - mean) * k2) * weight * invstd
     backward, eval:       dx = dy * weight * invstd
-(k1, k2 from grad_stats.py; weight = 1 and bias = 0 when absent.) With RELU the forward
-writes max(y, 0), and the backward first zeroes dy where the pre-activation y, recomputed
-from x, is not positive: no mask tensor is stored or read.
+(k1, k2 from grad_stats.py; weight = 1 and bias = 0 when absent.) With RESIDUAL the
+forward adds a residual z of the input's shape, y + z (the dy slot carries z). With RELU
+the forward writes max(y [+ z], 0), and the backward first zeroes dy where the
+pre-activation y, recomputed from x, is not positive: no mask tensor is stored or read.
+(The backward never sees a residual: with one, grad_stats.py writes the masked dy, which
+this pass then reads as its dy with RELU off.)
 
 Grid: one program per (tile, channel block), channel block fastest, walked from the last
 tile to the first: the preceding reduction (statistics or gradient statistics) read the
@@ -23,7 +26,7 @@ from .tiles import tile_index, tile_offsets
 @triton.jit(do_not_specialize=["KEY_M", "KEY_C"])
 def bn_apply_kernel(
     x_ptr,            # input [O0, O1, O2, I, C] through strides sx*
-    dy_ptr,           # grad_output (BACKWARD only), strides sd*
+    dy_ptr,           # grad_output (BACKWARD), or the residual z (forward, RESIDUAL), strides sd*
     out_ptr,          # y (forward) or grad_input (backward), strides so*
     mean_ptr,         # [C] batch mean or running_mean
     stat_ptr,         # [C] invstd, or running_var when STAT_IS_VAR
@@ -42,6 +45,7 @@ def bn_apply_kernel(
     STAT_IS_VAR: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BACKWARD: tl.constexpr, BATCH_STATS: tl.constexpr, RELU: tl.constexpr,
+    RESIDUAL: tl.constexpr,
 ):
     num_c_blocks = tl.cdiv(C, BLOCK_C)
     pid = tl.num_programs(0) - 1 - tl.program_id(0)  # back to front: see module docstring
@@ -63,9 +67,10 @@ def bn_apply_kernel(
     if needs_x:
         x_offs = tile_offsets(o0, o1, o2, i, c, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
-    if BACKWARD:
+    if BACKWARD or RESIDUAL:
         dy_offs = tile_offsets(o0, o1, o2, i, c, sd0, sd1, sd2, sdi, sdc, CONTIG, VEC)
         dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
         if RELU:
             y = pre_activation(x - mean, scale, bias_ptr, c, c_mask, HAS_BIAS)
             dy = tl.where(y > 0.0, dy, 0.0)
@@ -77,6 +82,8 @@ def bn_apply_kernel(
             out = dy * scale
     else:
         out = pre_activation(x - mean, scale, bias_ptr, c, c_mask, HAS_BIAS)
+        if RESIDUAL:
+            out += dy  # the residual z, in the dy slot
         if RELU:
             out = tl.maximum(out, 0.0)
     out_offs = tile_offsets(o0, o1, o2, i, c, so0, so1, so2, soi, soc, CONTIG, VEC)

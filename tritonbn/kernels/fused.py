@@ -17,6 +17,9 @@ of times, in one launch:
         and dx = dy * weight * invstd; x is read only when grad_weight is wanted.
     RELU (BatchNorm followed by ReLU): the forward writes max(y, 0); the backward zeroes dy
         where y, recomputed from x, is not positive, before anything else uses it.
+    RESIDUAL (y + z, z of the input's shape): the forward reads z and writes
+        [max](y + z [, 0]); with RELU the backward reads z for the mask and writes the
+        masked dy, the residual's gradient, to dz (without RELU dz = dy: nothing to do).
 
 Grid: one program per channel block; the tile ``[BLOCK_O, BLOCK_I, BLOCK_C]`` covers the
 whole outer x inner range (BLOCK_O >= O, BLOCK_I >= I, chosen by the host from the shape),
@@ -55,11 +58,15 @@ def bn_fused_kernel(
     nbt_ptr,          # int64 [1] num_batches_tracked, read when CUMULATIVE
     grad_weight_ptr,  # [C] out when HAS_GRAD_WEIGHT (backward)
     grad_bias_ptr,    # [C] out when HAS_GRAD_BIAS (backward)
+    z_ptr,            # residual z when RESIDUAL, strides sz*
+    dz_ptr,           # out (backward, RESIDUAL and RELU): the residual's gradient, strides sdz*
     momentum, eps, inv_m,   # floats; inv_m = 1 / M
     O1, O2, O, I, C,
     sx0, sx1, sx2, sxi, sxc,
     sd0, sd1, sd2, sdi, sdc,
     so0, so1, so2, soi, soc,
+    sz0, sz1, sz2, szi, szc,
+    sdz0, sdz1, sdz2, sdzi, sdzc,
     KEY_M, KEY_C,     # power-of-two buckets of M and C: autotuning key only
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,   # >= O and >= I: the whole reduction
     BLOCK_C: tl.constexpr,
@@ -69,12 +76,16 @@ def bn_fused_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
     HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr, WRITE_OUT: tl.constexpr,
-    RELU: tl.constexpr,
+    RELU: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     c_block = tl.program_id(0)
     o0, o1, o2, i, c, mask = tile_index(0, c_block, O1, O2, O, I, C,
                                         BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
     c_mask = c < C
+    # The host sets RESIDUAL in a backward only with RELU: without a mask, dz = dy.
+    if RESIDUAL:
+        z_offs = tile_offsets(o0, o1, o2, i, c, sz0, sz1, sz2, szi, szc, CONTIG, VEC)
+        z = tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(tl.float32)
     # constexpr: a plain local would make this a runtime branch and leave x undefined below
     needs_x: tl.constexpr = (not BACKWARD) or (not STAT_IS_VAR) or HAS_GRAD_WEIGHT or RELU
     if needs_x:
@@ -90,7 +101,13 @@ def bn_fused_kernel(
             xmu = tl.where(mask, x - mean[None, None, :], 0.0)
         if RELU:  # the gradient that reaches BatchNorm through max(y, 0)
             y = pre_activation(xmu, scale, bias_ptr, c, c_mask, HAS_BIAS)
+            if RESIDUAL:
+                y += z
             dy = tl.where(y > 0.0, dy, 0.0)
+            if RESIDUAL:
+                dz_offs = tile_offsets(o0, o1, o2, i, c, sdz0, sdz1, sdz2, sdzi, sdzc,
+                                       CONTIG, VEC)
+                tl.store(dz_ptr + dz_offs, dy.to(dz_ptr.dtype.element_ty), mask=mask)
         sum_dy = tl.sum(tl.sum(dy, 1), 0)
         if needs_x:
             sum_dy_xmu = tl.sum(tl.sum(dy * xmu, 1), 0)
@@ -127,6 +144,8 @@ def bn_fused_kernel(
                 out = (dy - k1 - xmu * k2) * scale
         else:
             out = pre_activation(xmu, scale, bias_ptr, c, c_mask, HAS_BIAS)
+            if RESIDUAL:
+                out += z
             if RELU:
                 out = tl.maximum(out, 0.0)
         out_offs = tile_offsets(o0, o1, o2, i, c, so0, so1, so2, soi, soc, CONTIG, VEC)

@@ -11,6 +11,9 @@ In eval mode (running statistics) mean/invstd come from running_mean/running_var
 grad_weight/grad_bias are produced here; dx = dy * weight * invstd needs no reduction.
 With RELU (BatchNorm followed by ReLU in one op) dy is first zeroed where the
 pre-activation (x - mean) * invstd * weight + bias is not positive, recomputed from x.
+With RESIDUAL as well (relu(BatchNorm(x) + z)) the pre-activation includes z, read here,
+and the masked dy, which is also the residual's gradient dz, is written out: the
+grad_input pass then reads dz as its dy instead of reading dy and z again.
 
 Same parallel layout as the forward statistics: grid = (channel blocks, splits), fp32
 partial sums per split, and the last program of a channel block sums them in split order
@@ -69,10 +72,14 @@ def bn_grad_stats_kernel(
     grad_weight_ptr,  # [C] out (weight dtype) when HAS_GRAD_WEIGHT
     grad_bias_ptr,    # [C] out (bias dtype) when HAS_GRAD_BIAS
     coef_ptr,         # fp32 [2, C] out: k1, k2 for the grad_input pass, when WRITE_COEF
+    z_ptr,            # residual z (RESIDUAL), same shape, strides sz*
+    dz_ptr,           # out (RESIDUAL): dy masked by ReLU, the residual's gradient, strides sdz*
     eps, inv_m,       # floats: eps, 1 / M
     O1, O2, O, I, C,
     sx0, sx1, sx2, sxi, sxc,
     sd0, sd1, sd2, sdi, sdc,
+    sz0, sz1, sz2, szi, szc,
+    sdz0, sdz1, sdz2, sdzi, sdzc,
     KEY_M, KEY_C,     # power-of-two buckets of M and C: autotuning key only
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
     WAVES: tl.constexpr,            # split factor: programs per SM the grid aims for (host side)
@@ -81,6 +88,7 @@ def bn_grad_stats_kernel(
     STAT_IS_VAR: tl.constexpr, HAS_GRAD_WEIGHT: tl.constexpr,
     HAS_GRAD_BIAS: tl.constexpr, WRITE_COEF: tl.constexpr,
     RELU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    RESIDUAL: tl.constexpr,           # with RELU only: a residual without one needs no mask
 ):
     c_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -108,7 +116,14 @@ def bn_grad_stats_kernel(
         xmu = x - mean_c[None, None, :]
         if RELU:  # the gradient that reaches BatchNorm through max(y, 0)
             y = pre_activation(xmu, scale[None, None, :], bias_ptr, c, c_mask, HAS_BIAS)
+            if RESIDUAL:
+                z_offs = tile_offsets(o0, o1, o2, i, ci, sz0, sz1, sz2, szi, szc, CONTIG, VEC)
+                y += tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.where(y > 0.0, dy, 0.0)
+            if RESIDUAL:
+                dz_offs = tile_offsets(o0, o1, o2, i, ci, sdz0, sdz1, sdz2, sdzi, sdzc,
+                                       CONTIG, VEC)
+                tl.store(dz_ptr + dz_offs, dy.to(dz_ptr.dtype.element_ty), mask=mask)
         sum_dy += dy
         sum_dy_xmu += tl.where(mask, dy * xmu, 0.0)
 

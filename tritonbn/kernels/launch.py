@@ -131,12 +131,13 @@ TUNED = {
     "bn_stats_kernel": _autotuned(bn_stats_kernel, C_.kernel_configs(True), ["UPDATE_RUNNING"],
                                   ["run_mean_ptr", "run_var_ptr"]),
     "bn_grad_stats_kernel": _autotuned(bn_grad_stats_kernel, C_.kernel_configs(True),
-                                       ["WRITE_COEF", "RELU"], []),
+                                       ["WRITE_COEF", "RELU", "RESIDUAL"], []),
     "bn_apply_kernel": _autotuned(bn_apply_kernel, C_.kernel_configs(False),
-                                  ["BACKWARD", "BATCH_STATS", "RELU"], []),
+                                  ["BACKWARD", "BATCH_STATS", "RELU", "RESIDUAL"], []),
     "bn_fused_kernel": _autotuned(bn_fused_kernel, C_.fused_kernel_configs(),
                                   ["BLOCK_O", "BLOCK_I", "BACKWARD", "STAT_IS_VAR",
-                                   "UPDATE_RUNNING", "HAS_GRAD_WEIGHT", "WRITE_OUT", "RELU"],
+                                   "UPDATE_RUNNING", "HAS_GRAD_WEIGHT", "WRITE_OUT", "RELU",
+                                   "RESIDUAL"],
                                   ["run_mean_ptr", "run_var_ptr"], _prune_fused),
 }
 RAW = {"bn_stats_kernel": bn_stats_kernel, "bn_grad_stats_kernel": bn_grad_stats_kernel,
@@ -258,14 +259,12 @@ def _write_back(running, dense) -> None:
             view.copy_(copy)
 
 
-def _slot_strides(geom: Geometry, has_dy: bool, has_out: bool) -> tuple:
-    """Strides for the kernels' (x, dy, out) slots from a geometry built over x, then dy and
-    out when present; an absent operand's slot repeats x's strides (never read)."""
+def _slot_strides(geom: Geometry, present: tuple) -> tuple:
+    """Stride arguments of a kernel's tensor slots (x first, always present), from a
+    geometry built over the present operands in slot order; an absent operand's slot
+    repeats x's strides (never read)."""
     it = iter(geom.strides)
-    x = next(it)
-    dy = next(it) if has_dy else x
-    out = next(it) if has_out else x
-    return x + dy + out
+    return sum((next(it) if p else geom.strides[0] for p in present), ())
 
 
 def _workspace(geom: Geometry, device: torch.device, elem_size: int, rows: int):
@@ -294,29 +293,33 @@ def launch_stats(x, geom, running_mean, running_var, num_batches_tracked, moment
 
 
 def launch_apply(x, dy, out, mean, stat, weight, bias, coef, eps, *, stat_is_var, backward,
-                 relu=False):
+                 relu=False, residual=None):
     """y (forward) or grad_input (backward) into ``out``; ``relu``: BatchNorm + ReLU (the
-    backward then needs ``bias`` too)."""
-    geom = make_geometry(*((x, dy, out) if backward else (x, out)))
+    backward then needs ``bias`` too); ``residual`` (forward): y + residual, before the
+    ReLU. The kernel reads the residual through its dy slot."""
+    second = dy if backward else residual
+    geom = make_geometry(x, out) if second is None else make_geometry(x, second, out)
     dummy = _dummy(x.device)
-    args = (x, dy if backward else dummy, out, _vec(mean), _vec(stat),
+    args = (x, dummy if second is None else second, out, _vec(mean), _vec(stat),
             dummy if weight is None else _vec(weight), dummy if bias is None else _vec(bias),
             dummy if coef is None else coef, float(eps), *geom.sizes)
     _launch("bn_apply_kernel", geom, x.device, x.element_size(),
-            args + _slot_strides(geom, backward, True),
+            args + _slot_strides(geom, (True, second is not None, True)),
             dict(STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
                  HAS_BIAS=bias is not None, BACKWARD=backward, BATCH_STATS=coef is not None,
-                 RELU=relu))
+                 RELU=relu, RESIDUAL=residual is not None))
     return out
 
 
 def launch_grad_stats(x, dy, mean, stat, eps, *, stat_is_var, grad_weight, grad_bias, want_coef,
-                      relu=False, weight=None, bias=None):
+                      relu=False, weight=None, bias=None, residual=None, grad_residual=None):
     """Writes grad_weight / grad_bias (when given) and returns the fp32 [2, C] (k1, k2)
     coefficients of grad_input when ``want_coef``. ``relu``: BatchNorm + ReLU, whose mask
-    is recomputed from x, ``weight`` and ``bias``."""
+    is recomputed from x, ``weight``, ``bias`` and ``residual`` (relu(y + residual)), and
+    then, with a residual, written to ``grad_residual`` as the masked dy."""
     device = x.device
-    geom = make_geometry(x, dy)
+    with_z = residual is not None
+    geom = make_geometry(x, dy, residual, grad_residual) if with_z else make_geometry(x, dy)
     C = geom.channels
     partials, counter = _workspace(geom, device, x.element_size(), 2)
     coef = torch.empty((2, C), dtype=torch.float32, device=device) if want_coef else None
@@ -326,20 +329,22 @@ def launch_grad_stats(x, dy, mean, stat, eps, *, stat_is_var, grad_weight, grad_
             dummy if grad_weight is None else grad_weight,
             dummy if grad_bias is None else grad_bias,
             dummy if coef is None else coef,
+            residual if with_z else dummy, grad_residual if with_z else dummy,
             float(eps), 1.0 / geom.reduction_size, *geom.sizes)
     _launch("bn_grad_stats_kernel", geom, device, x.element_size(),
-            args + geom.strides[0] + geom.strides[1],
+            args + _slot_strides(geom, (True, True, with_z, with_z)),
             dict(STAT_IS_VAR=stat_is_var, HAS_GRAD_WEIGHT=grad_weight is not None,
                  HAS_GRAD_BIAS=grad_bias is not None, WRITE_COEF=want_coef, RELU=relu,
-                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None))
+                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RESIDUAL=with_z))
     return coef
 
 
 def launch_fused_forward(x, out, geom, weight, bias, running_mean, running_var,
-                         num_batches_tracked, momentum, eps, relu=False):
-    """Training forward in one single-pass launch: ``geom`` = make_geometry(x, out), for
-    which use_fused holds. Writes ``out`` and returns the batch (mean, invstd), fp32 [C];
-    updates running stats in place."""
+                         num_batches_tracked, momentum, eps, relu=False, residual=None):
+    """Training forward in one single-pass launch: ``geom`` = forward_geometry(x, out,
+    residual), for which use_fused holds. Writes ``out`` (``relu``: max(y, 0); with a
+    ``residual``: of y + residual) and returns the batch (mean, invstd), fp32 [C]; updates
+    running stats in place."""
     device = x.device
     mean, invstd = torch.empty((2, geom.channels), dtype=torch.float32, device=device).unbind()
     dummy = _dummy(device)
@@ -347,39 +352,53 @@ def launch_fused_forward(x, out, geom, weight, bias, running_mean, running_var,
         running_mean, running_var, num_batches_tracked, momentum, device)
     args = (x, dummy, out, mean, invstd,
             dummy if weight is None else _vec(weight), dummy if bias is None else _vec(bias),
-            *run_ptrs, dummy, dummy, momentum, float(eps), 1.0 / geom.reduction_size,
-            *geom.sizes)
+            *run_ptrs, dummy, dummy, dummy if residual is None else residual, dummy,
+            momentum, float(eps), 1.0 / geom.reduction_size, *geom.sizes)
+    with_z = residual is not None
     _launch("bn_fused_kernel", geom, device, x.element_size(),
-            args + _slot_strides(geom, False, True),
+            args + _slot_strides(geom, (True, False, True, with_z, False)),
             dict(BACKWARD=False, STAT_IS_VAR=False, HAS_WEIGHT=weight is not None,
                  HAS_BIAS=bias is not None, HAS_GRAD_WEIGHT=False, HAS_GRAD_BIAS=False,
-                 WRITE_OUT=True, RELU=relu, **run_flags))
+                 WRITE_OUT=True, RELU=relu, RESIDUAL=with_z, **run_flags))
     _write_back((running_mean, running_var), dense)
     return mean, invstd
 
 
 def launch_fused_backward(x, dy, grad_input, mean, stat, weight, eps, *, stat_is_var,
-                          grad_weight, grad_bias, relu=False, bias=None):
+                          grad_weight, grad_bias, relu=False, bias=None, residual=None,
+                          grad_residual=None):
     """Backward in one single-pass launch (use_fused must hold for ``backward_geometry``):
     grad_input (when given), grad_weight and grad_bias (when given). ``relu``: BatchNorm +
-    ReLU, whose mask is recomputed from x, weight and ``bias``."""
+    ReLU, whose mask is recomputed from x, weight, ``bias`` and ``residual``
+    (relu(y + residual)); the masked dy then goes to ``grad_residual``."""
     device = x.device
-    geom = backward_geometry(x, dy, grad_input)
+    geom = backward_geometry(x, dy, grad_input, residual, grad_residual)
+    with_z = residual is not None
     dummy = _dummy(device)
     args = (x, dy, dummy if grad_input is None else grad_input, _vec(mean), _vec(stat),
             dummy if weight is None else _vec(weight), dummy if bias is None else _vec(bias),
             dummy, dummy, dummy,
             dummy if grad_weight is None else grad_weight,
             dummy if grad_bias is None else grad_bias,
+            residual if with_z else dummy, grad_residual if with_z else dummy,
             0.0, float(eps), 1.0 / geom.reduction_size, *geom.sizes)
     _launch("bn_fused_kernel", geom, device, x.element_size(),
-            args + _slot_strides(geom, True, grad_input is not None),
+            args + _slot_strides(geom, (True, True, grad_input is not None, with_z, with_z)),
             dict(BACKWARD=True, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
                  HAS_BIAS=bias is not None, UPDATE_RUNNING=False, CUMULATIVE=False,
                  HAS_GRAD_WEIGHT=grad_weight is not None, HAS_GRAD_BIAS=grad_bias is not None,
-                 WRITE_OUT=grad_input is not None, RELU=relu))
+                 WRITE_OUT=grad_input is not None, RELU=relu, RESIDUAL=with_z))
 
 
-def backward_geometry(x, dy, grad_input=None) -> Geometry:
-    """Geometry of the backward's operands: x, dy and grad_input when it is written."""
-    return make_geometry(x, dy) if grad_input is None else make_geometry(x, dy, grad_input)
+def forward_geometry(x, out, residual=None) -> Geometry:
+    """Geometry of the training forward's operands, in the single-pass kernel's slot order:
+    x, out, and the residual when there is one."""
+    return make_geometry(*(t for t in (x, out, residual) if t is not None))
+
+
+def backward_geometry(x, dy, grad_input=None, residual=None, grad_residual=None) -> Geometry:
+    """Geometry of the backward's operands, in the single-pass kernel's slot order: x, dy,
+    grad_input when it is written, the residual and its gradient when ReLU's mask needs
+    them."""
+    return make_geometry(*(t for t in (x, dy, grad_input, residual, grad_residual)
+                           if t is not None))
