@@ -364,3 +364,22 @@ def check_layout(x: Tensor, out: Tensor, what: str) -> None:
     fmt = memory_format_of(x)
     if fmt is not None:
         assert out.is_contiguous(memory_format=fmt), (what, fmt, x.stride(), out.stride())
+
+
+def eager_and_compiled(model, x: Tensor) -> tuple[list, list]:
+    """One training step (output, then every parameter's gradient of output.sum()) of a
+    copy of ``model`` in eager mode and of ``model`` through torch.compile (aot_eager, one
+    graph): the custom ops' arguments must survive tracing."""
+    import copy
+
+    torch._dynamo.reset()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    results = []
+    for m, params in ((eager, eager), (compiled, model)):
+        y = m(x)
+        y.sum().backward()
+        results.append([y.detach()] + [p.grad for p in params.parameters()])
+    torch._dynamo.reset()
+    return results[0], results[1]
+

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import tritonbn
-from tests.reference import (DEVICE, Call, assert_close_to_reference, make_params, make_tensor,
-                             reference_scales)
+from tests.reference import (DEVICE, Call, assert_close_to_reference, eager_and_compiled,
+                             make_params, make_tensor, reference_scales)
 
 pytestmark = pytest.mark.usefixtures("kernel_path")  # both kernel paths (conftest)
 
@@ -38,16 +38,17 @@ def test_functional_relu_matches_torch(dtype, layout, training, affine):
         w = b = None
 
     def run(fn, cast):
+        # detach keeps the strides of the sliced layout (a clone would make it dense)
         leaves = [cast(x).requires_grad_()] + ([cast(w).requires_grad_(),
                                                 cast(b).requires_grad_()] if affine else [])
         params = leaves[1:] if affine else [None, None]
-        stats = [cast(rm), cast(rv)]
+        stats = [cast(rm).clone(), cast(rv).clone()]
         y = fn(leaves[0], *stats, *params, training)
         grads = torch.autograd.grad(y, leaves, cast(dy))
         return [y.detach(), *grads, *stats]
 
     got = run(lambda *a: tritonbn.batch_norm(*a, momentum=0.1, eps=1e-5, relu=True),
-              lambda t: t.clone())
+              lambda t: t.detach())
     ref = run(lambda *a: F.relu(F.batch_norm(*a, momentum=0.1, eps=1e-5)),
               lambda t: t.double())
 
@@ -154,24 +155,16 @@ def test_convert_model_fuses_relu_in_sequential():
 def test_fused_relu_under_compile():
     """The flag travels through the custom ops under torch.compile (aot_eager): compiled
     training steps give eager's outputs and gradients."""
-    torch._dynamo.reset()
-    model = tritonbn.convert_model(_block(), fuse_relu=True)
-    eager = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    x = make_tensor((2, 3, 4, 5))
-    results = []
-    for m in (eager, compiled):
-        y = m(x)
-        y.sum().backward()
-        results.append((y.detach(), eager[0].weight.grad if m is eager else model[0].weight.grad))
-    for got, ref in zip(results[1], results[0]):
+    eager, compiled = eager_and_compiled(tritonbn.convert_model(_block(), fuse_relu=True),
+                                         make_tensor((2, 3, 4, 5)))
+    for got, ref in zip(compiled, eager):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-    torch._dynamo.reset()
 
 
 class _Bottleneck(nn.Module):
     """torchvision's ResNet bottleneck pattern: ReLUs called from forward, one shared ReLU
-    module, a functional ReLU, and a BatchNorm whose output meets the residual first."""
+    module, a functional ReLU, and a BatchNorm whose output meets the residual first
+    (tests/test_residual.py has the residual fusion's own tests)."""
 
     def __init__(self, c=6):
         super().__init__()
@@ -199,13 +192,14 @@ class _Twice(nn.Module):
 
 
 def test_fuse_relu_traced_resnet_block():
-    """torch.fx fusion: bn1 and bn2 take their ReLU, bn3 (residual first) does not; the
-    traced model trains like the torch one (outputs, gradients, running statistics)."""
+    """torch.fx fusion: bn1 and bn2 take their ReLU, bn3 the residual and the ReLU after
+    it, the BatchNorm called twice nothing; the traced model trains like the torch one
+    (outputs, gradients, running statistics)."""
     torch_model = nn.Sequential(_Bottleneck(), _Twice()).to(DEVICE)
     model = copy.deepcopy(torch_model)
     gm = tritonbn.fuse_relu_traced(model)
     fused = {n: m.fused_relu for n, m in gm.named_modules() if hasattr(m, "fused_relu")}
-    assert fused == {"0.bn1": True, "0.bn2": True, "0.bn3": False, "1.bn": False}
+    assert fused == {"0.bn1": True, "0.bn2": True, "0.bn3": True, "1.bn": False}
     assert gm.state_dict().keys() == torch_model.state_dict().keys()
     x = make_tensor((2, 6, 4, 5))
     results = []

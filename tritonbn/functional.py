@@ -78,13 +78,33 @@ def _check_tensors(input, running_mean, running_var, weight, bias):
     input.size(1)  # 1-D input: IndexError, as torch
 
 
+def residual_fits(input: Tensor, residual) -> bool:
+    """Whether the kernels can add ``residual`` to the output of BatchNorm(``input``): a
+    tensor of the input's shape, dtype and device (any strides). Anything else (a
+    broadcast, another dtype) would change the result's shape or dtype under torch's
+    rules for ``+``."""
+    return (isinstance(residual, Tensor) and residual.shape == input.shape
+            and residual.dtype == input.dtype and residual.device == input.device)
+
+
+def _check_residual(input: Tensor, residual: Optional[Tensor]) -> None:
+    if residual is not None and not residual_fits(input, residual):
+        got = (f"{type(residual).__name__}" if not isinstance(residual, Tensor) else
+               f"{residual.dtype} {tuple(residual.shape)} on {residual.device}")
+        raise RuntimeError(f"batch_norm: residual must be a tensor of the input's shape, dtype "
+                           f"and device ({input.dtype} {tuple(input.shape)} on "
+                           f"{input.device}), got {got}")
+
+
 def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
                 momentum: Optional[float], eps: float,
-                num_batches_tracked: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+                num_batches_tracked: Optional[Tensor] = None, relu: bool = False,
+                residual: Optional[Tensor] = None) -> Tensor:
     """Kernel path. ``momentum=None`` with ``num_batches_tracked`` = cumulative average,
     its factor read on the device (no host synchronisation, graph-capturable)."""
     _check_args(input, running_mean, running_var, weight, bias, training, eps)
+    _check_residual(input, residual)
     if momentum is None and num_batches_tracked is None:
         momentum = 0.0
     nbt = num_batches_tracked if momentum is None else None
@@ -96,28 +116,29 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
         if torch._C._are_functorch_transforms_active():
             if training:
                 return _ops.FuncTrain.apply(input, weight, bias, running_mean, running_var,
-                                            nbt, momentum, eps, relu)[0]
+                                            nbt, momentum, eps, relu, residual)[0]
             return _ops.FuncApply.apply(input, weight, bias, running_mean, running_var,
-                                        False, eps, relu)
+                                        False, eps, relu, residual)
         grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (input, weight, bias))
+            t is not None and t.requires_grad for t in (input, weight, bias, residual))
         if training:
             if grad:
                 return _ops.EagerTrain.apply(input, weight, bias, running_mean, running_var,
-                                             nbt, momentum, eps, relu)
+                                             nbt, momentum, eps, relu, residual)
             return _ops.train_forward_impl(input, weight, bias, running_mean, running_var, nbt,
-                                           momentum, eps, relu)[0]
+                                           momentum, eps, relu, residual)[0]
         if grad:
             return _ops.EagerApply.apply(input, weight, bias, running_mean, running_var, False,
-                                         eps, relu)
-        return _ops.apply_impl(input, weight, bias, running_mean, running_var, False, eps, relu)
+                                         eps, relu, residual)
+        return _ops.apply_impl(input, weight, bias, running_mean, running_var, False, eps, relu,
+                               residual)
     mean, stat = running_mean, running_var
     if training:
         # detach: the gradient through the statistics is in batch_norm_apply's backward.
         mean, stat = torch.ops.tritonbn.batch_norm_stats(input.detach(), running_mean,
                                                          running_var, nbt, momentum, eps)
     return torch.ops.tritonbn.batch_norm_apply(input, weight, bias, mean, stat, training, eps,
-                                               relu)
+                                               relu, residual)
 
 
 def _traced() -> bool:
@@ -129,15 +150,22 @@ def _traced() -> bool:
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
-               relu: bool = False) -> Tensor:
-    """Drop-in for :func:`torch.nn.functional.batch_norm` (differentiable). ``relu=True``
-    (not in torch's signature) returns ``relu(batch_norm(...))`` from the same kernels, with
-    no pass of its own over the tensor in the forward or the backward."""
+               relu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
+    """Drop-in for :func:`torch.nn.functional.batch_norm` (differentiable). Two keywords
+    that are not in torch's signature, both computed by the same kernels:
+
+    * ``residual``: returns ``batch_norm(...) + residual`` (a tensor of the input's shape,
+      dtype and device; RuntimeError otherwise), the residual read in the pass that writes
+      the output: a ResNet block's shortcut, a MobileNetV2 block's skip connection.
+    * ``relu=True``: returns ``relu(batch_norm(...) [+ residual])``, with no pass of its own
+      over the tensor in the forward or the backward."""
     if momentum is None:  # torch's schema takes a float
         raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
     if not runs_on_triton(input):
+        _check_residual(input, residual)
         out = F.batch_norm(input, running_mean, running_var, weight, bias, training,
                            momentum, eps)
+        out = out if residual is None else out + residual
         return F.relu(out) if relu else out
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                       relu=relu)
+                       relu=relu, residual=residual)

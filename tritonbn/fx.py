@@ -1,18 +1,27 @@
-"""``fuse_relu_traced``: BatchNorm + ReLU fusion for models whose ReLUs are called from
-``forward`` (torchvision's ResNet: ``out = self.relu(self.bn1(out))``), which
-``convert_model(..., fuse_relu=True)`` cannot see. The model is traced with torch.fx."""
+"""``fuse_relu_traced``: BatchNorm + ReLU fusion, and BatchNorm + residual add (+ ReLU)
+fusion, for models whose ReLUs and additions are written in ``forward`` (torchvision's
+ResNet: ``out = self.relu(self.bn1(out))`` and ``out = self.bn3(...); out += identity;
+out = self.relu(out)``), which ``convert_model(..., fuse_relu=True)`` cannot see. The
+model is traced with torch.fx."""
 from __future__ import annotations
 
 import collections
+import operator
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .modules import _FUSABLE, _TritonBatchNorm, _take_relu, convert_model
+from .modules import (_FUSABLE, BatchNorm1d, BatchNorm2d, BatchNorm3d, _TritonBatchNorm,
+                      _take_relu, convert_model)
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
+_ADD_FUNCTIONS = (operator.add, torch.add)
+_INPLACE_ADDS = ((operator.iadd, "call_function"), ("add_", "call_method"))
+# Layers whose forward takes a residual. Not the lazy ones: their first call hands every
+# argument to initialize_parameters, which takes the input alone.
+_TAKES_RESIDUAL = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
 
 def _is_relu(node: fx.Node, modules: dict) -> bool:
@@ -23,6 +32,20 @@ def _is_relu(node: fx.Node, modules: dict) -> bool:
     return node.op == "call_method" and node.target in _RELU_METHODS
 
 
+def _add_operands(node: fx.Node) -> list:
+    """The operands a BatchNorm output may take in ``node`` when it is a plain addition of
+    two values (no alpha): both for ``a + b``, only the first for the in-place ``a += b``
+    and ``a.add_(b)`` (the tensor they update; fusing ``b`` would leave ``a`` unchanged)."""
+    if node.kwargs or len(node.args) != 2:
+        return []
+    if (node.target, node.op) in _INPLACE_ADDS:
+        return [0]
+    if ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+            or (node.op == "call_method" and node.target == "add")):
+        return [0, 1]
+    return []
+
+
 class _Tracer(fx.Tracer):
     """Keeps tritonbn's layers as leaves, as torch.fx does torch.nn's own."""
 
@@ -31,28 +54,69 @@ class _Tracer(fx.Tracer):
                 or super().is_leaf_module(m, qualified_name))
 
 
-def fuse_relu_traced(model: nn.Module) -> fx.GraphModule:
-    """Convert ``model`` in place (convert_model), trace it with torch.fx, and fuse every
-    BatchNorm whose output goes to a ReLU and nowhere else: the layer gets ``fused_relu``
-    and the ReLU leaves the graph. Returns the traced GraphModule, which holds the very
-    same submodules and parameters (same state_dict keys). A BatchNorm module called more
-    than once in the graph is left alone, as is one whose output is also used elsewhere
-    (a residual branch, say). Models that torch.fx cannot trace raise its error."""
+def fuse_relu_traced(model: nn.Module, add: bool = True) -> fx.GraphModule:
+    """Convert ``model`` in place (convert_model), trace it with torch.fx, and fuse:
+
+    * every BatchNorm whose output goes to a ReLU and nowhere else: the layer gets
+      ``fused_relu`` and the ReLU leaves the graph;
+    * with ``add``, every BatchNorm whose output goes to an addition and nowhere else
+      (``bn(x) + z``, ``z + bn(x)``, ``out += z``): the layer is called as ``bn(x, z)``
+      and adds z in the kernel that writes its output; when the sum goes to a ReLU and
+      nowhere else, that ReLU is fused too (ResNet's ``relu(bn3(out) + identity)``). At run
+      time a z of another shape or dtype (a broadcast, say) is added by torch instead.
+
+    Returns the traced GraphModule, which holds the very same submodules and parameters
+    (same state_dict keys). A BatchNorm module called more than once in the graph is left
+    alone, as is one whose output is also used elsewhere. Models that torch.fx cannot trace
+    raise its error."""
     convert_model(model)
     gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     modules = dict(gm.named_modules())
     calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+
+    def sole_call(node) -> bool:
+        """A call of a BatchNorm module called once, whose output has this one user."""
+        return (isinstance(node, fx.Node) and node.op == "call_module"
+                and calls[node.target] == 1 and len(node.users) == 1)
+
+    erased: set = set()
     for node in list(gm.graph.nodes):
-        if not _is_relu(node, modules) or not node.args:
+        if node in erased:
             continue
-        source = node.args[0]
-        if not (isinstance(source, fx.Node) and source.op == "call_module"):
-            continue
-        if (calls[source.target] == 1 and len(source.users) == 1
-                and _take_relu(modules[source.target])):
-            node.replace_all_uses_with(source)
-            gm.graph.erase_node(node)
+        if _is_relu(node, modules) and node.args:
+            source = node.args[0]
+            if sole_call(source) and _take_relu(modules[source.target]):
+                node.replace_all_uses_with(source)
+                gm.graph.erase_node(node)
+        elif add:
+            erased.update(_fuse_add(gm.graph, node, modules, sole_call))
     gm.graph.lint()
     gm.recompile()
     return gm
 
+
+def _fuse_add(graph: fx.Graph, node: fx.Node, modules: dict, sole_call) -> tuple:
+    """Fold the addition ``node`` (and a ReLU after it) into the BatchNorm call that feeds
+    it, when there is one that can take it; returns the nodes it erased. The new call goes
+    where the addition was, the first place where both operands exist."""
+    for pos in _add_operands(node):
+        bn_node, other = node.args[pos], node.args[1 - pos]
+        if not (sole_call(bn_node) and isinstance(other, fx.Node) and other is not bn_node
+                and len(bn_node.args) == 1 and not bn_node.kwargs):
+            continue
+        bn = modules[bn_node.target]
+        if type(bn) not in _TAKES_RESIDUAL or bn.fused_relu:
+            continue  # relu(bn(x)) + z is not relu(bn(x) + z)
+        with graph.inserting_before(node):
+            fused = graph.call_module(bn_node.target, (bn_node.args[0], other))
+        result = node
+        relu = next(iter(node.users)) if len(node.users) == 1 else None
+        if (relu is not None and _is_relu(relu, modules) and relu.args[0] is node
+                and _take_relu(bn)):
+            result = relu
+        result.replace_all_uses_with(fused)
+        dead = tuple(dict.fromkeys((result, node, bn_node)))
+        for n in dead:
+            graph.erase_node(n)
+        return dead
+    return ()

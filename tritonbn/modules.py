@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import _batch_norm, _check_tensors, _traced, runs_on_triton
+from .functional import _batch_norm, _check_tensors, _traced, residual_fits, runs_on_triton
 from .ops.sync_batch_norm import SyncBatchNormFunction
 
 
@@ -17,16 +17,26 @@ class _TritonBatchNorm:
     ``float(num_batches_tracked)`` on the host.
 
     ``fused_relu`` (set by ``convert_model(..., fuse_relu=True)``): the layer returns
-    relu(BatchNorm(x)) from the same kernels, standing in for a ReLU that followed it."""
+    relu(BatchNorm(x)) from the same kernels, standing in for a ReLU that followed it.
+
+    ``forward(input, residual)``, a second argument torch's layers do not take (passed by
+    ``fuse_relu_traced``): BatchNorm(input) + residual [then the ReLU], the residual read by
+    the kernel that writes the output. A residual the kernels cannot add (another shape,
+    to broadcast, or another dtype) is added afterwards by torch, with its rules."""
 
     fused_relu = False
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual=None) -> Tensor:
         if not runs_on_triton(input):
             output = super().forward(input)
-            return F.relu(output) if self.fused_relu else output
-        self._check_input_dim(input)
-        return _batch_norm(input, *self._arguments(), relu=self.fused_relu)
+        else:
+            self._check_input_dim(input)
+            if residual is None or residual_fits(input, residual):
+                return _batch_norm(input, *self._arguments(), relu=self.fused_relu,
+                                   residual=residual)
+            output = _batch_norm(input, *self._arguments())
+        output = output if residual is None else output + residual
+        return F.relu(output) if self.fused_relu else output
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", fused_relu=True" if self.fused_relu else "")

@@ -165,3 +165,22 @@ def test_opcheck_relu(device, training):
     dy = _input(device, shape, dtype, cl)
     _check(ops.batch_norm_backward.default,
            (dy, x.detach(), w.detach(), mean, stat, training, EPS, FULL, b.detach(), True))
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "add"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_residual(device, training, relu):
+    """The residual argument on both ops: channels_last input, contiguous residual (the
+    residual's gradient is an output of the backward op only with ReLU)."""
+    _, shape, dtype, cl = LAYOUTS[2]
+    C = shape[1]
+    x = _input(device, shape, dtype, cl, requires_grad=True)
+    z = _input(device, shape, dtype, requires_grad=True)
+    w = torch.randn(C, device=device, requires_grad=True)
+    b = torch.randn(C, device=device, requires_grad=True)
+    mean, stat = _saved_stats(x, training, device)
+    _check(ops.batch_norm_apply.default, (x, w, b, mean, stat, training, EPS, relu, z))
+    dy = _input(device, shape, dtype, cl)
+    _check(ops.batch_norm_backward.default,
+           (dy, x.detach(), w.detach(), mean, stat, training, EPS, FULL, b.detach(), relu,
+            z.detach()))

@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from ..kernels.geometry import make_geometry
-from ..kernels.launch import (backward_geometry, launch_apply, launch_fused_backward,
-                              launch_fused_forward, launch_grad_stats, launch_stats, use_fused)
+from ..kernels.launch import (backward_geometry, forward_geometry, launch_apply,
+                              launch_fused_backward, launch_fused_forward, launch_grad_stats,
+                              launch_stats, use_fused)
 
 # The kernels take any strides and write outputs in the input's layout (empty_like), and
 # the fake implementations say so. ``flexible_layout`` lets Inductor hand the ops the layout
@@ -79,9 +80,11 @@ def apply_impl(
     batch_stats: bool,
     eps: float,
     relu: bool = False,
+    residual: Optional[Tensor] = None,
 ) -> Tensor:
     """y = (x - mean) * invstd * weight + bias, in the input's dtype and memory format;
-    max(y, 0) with ``relu`` (BatchNorm + ReLU in one pass).
+    y + residual with a ``residual`` (the input's shape and dtype), and max(that, 0) with
+    ``relu``: BatchNorm [+ residual] [+ ReLU] in one pass.
 
     ``batch_stats``: mean/stat are the batch mean/invstd from batch_norm_stats, and the
     backward differentiates through them (full BatchNorm training gradient). Otherwise they
@@ -90,7 +93,8 @@ def apply_impl(
     if input.numel() == 0:
         return output
     return launch_apply(input, None, output, mean, stat, weight, bias, None, eps,
-                        stat_is_var=not batch_stats, backward=False, relu=relu)
+                        stat_is_var=not batch_stats, backward=False, relu=relu,
+                        residual=residual)
 
 
 batch_norm_apply = torch.library.custom_op(
@@ -98,19 +102,23 @@ batch_norm_apply = torch.library.custom_op(
 
 
 @batch_norm_apply.register_fake
-def _(input, weight, bias, mean, stat, batch_stats, eps, relu=False):
+def _(input, weight, bias, mean, stat, batch_stats, eps, relu=False, residual=None):
     return torch.empty_like(input)
 
 
-def _grad_buffers(input: Tensor, weight: Optional[Tensor], grad_input_mask: list[bool]):
-    """Uninitialised (grad_input, grad_weight, grad_bias), each empty where its mask is
-    False: shared by the implementation and the fake, so their metadata cannot drift."""
+def _grad_buffers(input: Tensor, weight: Optional[Tensor], grad_input_mask: list[bool],
+                  residual: Optional[Tensor], relu: bool):
+    """Uninitialised (grad_input, grad_weight, grad_bias, grad_residual), each empty where
+    it is not computed: shared by the implementation and the fake, so their metadata cannot
+    drift. grad_residual, the ReLU-masked grad_output, exists with a residual and a ReLU
+    (without a ReLU the residual's gradient is grad_output itself)."""
     want_input, want_weight, want_bias = grad_input_mask
     dtype = weight.dtype if weight is not None else input.dtype
     # A separate empty tensor per absent output: custom-op outputs may not alias.
     return (torch.empty_like(input) if want_input else input.new_empty(0),
             torch.empty_like(weight) if want_weight else input.new_empty(0),
-            input.new_empty(input.shape[1], dtype=dtype) if want_bias else input.new_empty(0))
+            input.new_empty(input.shape[1], dtype=dtype) if want_bias else input.new_empty(0),
+            torch.empty_like(residual) if relu and residual is not None else input.new_empty(0))
 
 
 def backward_impl(
@@ -124,38 +132,52 @@ def backward_impl(
     grad_input_mask: list[bool],
     bias: Optional[Tensor] = None,
     relu: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_input, grad_weight, grad_bias); an entry whose mask is False is empty.
-    ``relu``: the backward of BatchNorm + ReLU (its mask recomputed from x, weight, bias).
+    residual: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias, grad_residual); an entry whose mask is False is
+    empty. ``relu``: the backward of BatchNorm [+ residual] + ReLU, its mask recomputed
+    from x, weight, bias and ``residual``; grad_residual is then the masked grad_output
+    (empty without a residual or without ReLU: a residual's gradient is grad_output).
 
     ``batch_stats``: mean/stat are the saved batch mean/invstd (training). Otherwise they
     are running_mean/running_var (eval), and invstd = 1/sqrt(running_var + eps)."""
     want_input, want_weight, want_bias = grad_input_mask
-    grad_input, grad_weight, grad_bias = _grad_buffers(input, weight, grad_input_mask)
-    # the backward reads bias (and, in the statistics kernel, weight) only for ReLU's mask
-    bias = bias if relu else None
+    grads = _grad_buffers(input, weight, grad_input_mask, residual, relu)
+    grad_input, grad_weight, grad_bias, grad_residual = grads
+    # the backward reads bias and the residual (and, in the statistics kernel, weight) only
+    # for ReLU's mask
+    bias, residual = (bias, residual) if relu else (None, None)
+    if residual is None:
+        grad_residual = None
     if input.numel() == 0:
         grad_weight.zero_()
         grad_bias.zero_()
-        return grad_input, grad_weight, grad_bias
-    if use_fused(backward_geometry(input, grad_output, grad_input if want_input else None)):
+        return grads
+    if use_fused(backward_geometry(input, grad_output, grad_input if want_input else None,
+                                   residual, grad_residual)):
         launch_fused_backward(input, grad_output, grad_input if want_input else None, mean,
                               stat, weight, eps, stat_is_var=not batch_stats,
                               grad_weight=grad_weight if want_weight else None,
-                              grad_bias=grad_bias if want_bias else None, relu=relu, bias=bias)
-        return grad_input, grad_weight, grad_bias
+                              grad_bias=grad_bias if want_bias else None, relu=relu, bias=bias,
+                              residual=residual, grad_residual=grad_residual)
+        return grads
     coef = None
-    if want_weight or want_bias or (want_input and batch_stats):
+    if want_weight or want_bias or (want_input and batch_stats) or residual is not None:
+        # With a residual this pass also writes the masked dy (grad_residual), which the
+        # grad_input pass then reads in place of dy, with no mask left to apply.
         coef = launch_grad_stats(
             input, grad_output, mean, stat, eps, stat_is_var=not batch_stats,
             grad_weight=grad_weight if want_weight else None,
             grad_bias=grad_bias if want_bias else None,
             want_coef=want_input and batch_stats, relu=relu,
-            weight=weight if relu else None, bias=bias)
+            weight=weight if relu else None, bias=bias, residual=residual,
+            grad_residual=grad_residual)
     if want_input:
-        launch_apply(input, grad_output, grad_input, mean, stat, weight, bias, coef, eps,
-                     stat_is_var=not batch_stats, backward=True, relu=relu)
-    return grad_input, grad_weight, grad_bias
+        masked = residual is not None
+        launch_apply(input, grad_residual if masked else grad_output, grad_input, mean, stat,
+                     weight, bias, coef, eps, stat_is_var=not batch_stats, backward=True,
+                     relu=relu and not masked)
+    return grads
 
 
 batch_norm_backward = torch.library.custom_op(
@@ -164,22 +186,24 @@ batch_norm_backward = torch.library.custom_op(
 
 @batch_norm_backward.register_fake
 def _(grad_output, input, weight, mean, stat, batch_stats, eps, grad_input_mask, bias=None,
-      relu=False):
-    return _grad_buffers(input, weight, grad_input_mask)
+      relu=False, residual=None):
+    return _grad_buffers(input, weight, grad_input_mask, residual, relu)
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, mean, stat, batch_stats, eps, relu = inputs
+    input, weight, bias, mean, stat, batch_stats, eps, relu, residual = inputs
     ctx.relu = relu
-    # bias only matters to the backward through ReLU's recomputed mask
-    ctx.save_for_backward(input, weight, bias if ctx.relu else None, mean, stat)
+    # bias and the residual only matter to the backward through ReLU's recomputed mask
+    ctx.save_for_backward(input, weight, bias if relu else None, mean, stat,
+                          residual if relu else None)
     ctx.batch_stats = batch_stats
     ctx.eps = eps
     ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
 
 
 def differentiable_backward(grad_output, input, weight, mean, stat, batch_stats, eps,
-                            grad_input_mask, bias=None, relu=False):
+                            grad_input_mask, bias=None, relu=False, residual=None):
     """The backward of batch_norm_apply written with torch operations, so that autograd can
     differentiate it again (double backward: ``create_graph=True``, e.g. a gradient penalty).
     The kernels' gradients carry no graph: returned as they are, the second-order terms
@@ -189,7 +213,9 @@ def differentiable_backward(grad_output, input, weight, mean, stat, batch_stats,
 
         xhat = (x - mean) * invstd,  grad_bias = sum(dy),  grad_weight = sum(dy * xhat)
         training: dx = weight * invstd * (dy - grad_bias / M - xhat * grad_weight / M)
-        eval:     dx = weight * invstd * dy"""
+        eval:     dx = weight * invstd * dy
+    With ``relu``, dy is first masked where y [+ residual] <= 0; the residual's gradient is
+    that masked dy (returned with a residual and ReLU; see backward_impl)."""
     C = input.shape[1]
     dims = [0] + list(range(2, input.dim()))
     shape = [1, C] + [1] * (input.dim() - 2)
@@ -204,7 +230,9 @@ def differentiable_backward(grad_output, input, weight, mean, stat, batch_stats,
     if relu:  # max(y, 0): the gradient passes where y > 0 (a mask: constant to autograd)
         y = xhat if weight is None else xhat * weight.float().view(shape)
         y = y if bias is None else y + bias.float().view(shape)
+        y = y if residual is None else y + residual.float()
         dy = dy * (y > 0)
+    grad_residual = dy.to(residual.dtype) if relu and residual is not None else None
     grad_bias = dy.sum(dims)
     grad_weight = (dy * xhat).sum(dims)
     scale = invstd if weight is None else invstd * weight.float().view(shape)
@@ -215,20 +243,28 @@ def differentiable_backward(grad_output, input, weight, mean, stat, batch_stats,
     want_input, want_weight, want_bias = grad_input_mask
     return (dy.mul(scale).to(input.dtype) if want_input else None,
             grad_weight.to(param_dtype) if want_weight else None,
-            grad_bias.to(param_dtype) if want_bias else None)
+            grad_bias.to(param_dtype) if want_bias else None,
+            grad_residual)
 
 
 def _backward(ctx, grad_output, backward_fn=None):
-    input, weight, bias, mean, stat = ctx.saved_tensors
+    """Gradients of batch_norm_apply's inputs. The residual's, when there is one, is
+    returned whether or not it is needed: it costs nothing (grad_output itself, or with
+    ReLU the masked grad_output, which the backward computes anyway)."""
+    input, weight, bias, mean, stat, residual = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2]]
     if torch.is_grad_enabled() and input.numel() != 0:
         backward_fn = differentiable_backward  # create_graph=True: see its docstring
     backward_fn = backward_fn or torch.ops.tritonbn.batch_norm_backward
-    grad_input, grad_weight, grad_bias = backward_fn(
-        grad_output, input, weight, mean, stat, ctx.batch_stats, ctx.eps, mask, bias, ctx.relu)
+    grad_input, grad_weight, grad_bias, grad_residual = backward_fn(
+        grad_output, input, weight, mean, stat, ctx.batch_stats, ctx.eps, mask, bias, ctx.relu,
+        residual)
+    if ctx.has_residual and not ctx.relu:
+        grad_residual = grad_output  # y + residual: the gradient passes as it is
     return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
-            grad_bias if mask[2] else None, None, None, None, None, None)
+            grad_bias if mask[2] else None, None, None, None, None, None,
+            grad_residual if ctx.has_residual else None)
 
 
 batch_norm_apply.register_autograd(_backward, setup_context=_setup_context)
@@ -267,29 +303,30 @@ class FuncApply(EagerApply):
 
 
 def train_forward_impl(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                       momentum, eps, relu=False):
+                       momentum, eps, relu=False, residual=None):
     """Training forward (batch statistics): (output, mean, invstd). One single-pass launch
     where the shape fits it (kernels/fused.py), else batch_norm_stats' and
-    batch_norm_apply's implementations (two launches). ``relu``: max(output, 0)."""
+    batch_norm_apply's implementations (two launches). ``residual``: output + residual;
+    ``relu``: max(output, 0), after the residual."""
     output = torch.empty_like(input)
-    geom = make_geometry(input, output) if input.numel() != 0 else None
+    geom = forward_geometry(input, output, residual) if input.numel() != 0 else None
     if geom is not None and use_fused(geom):
         mean, invstd = launch_fused_forward(input, output, geom, weight, bias, running_mean,
                                             running_var, num_batches_tracked, momentum, eps,
-                                            relu)
+                                            relu, residual)
         return output, mean, invstd
     mean, invstd = stats_impl(input, running_mean, running_var, num_batches_tracked,
                               momentum, eps)
     if input.numel() != 0:
         launch_apply(input, None, output, mean, invstd, weight, bias, None, eps,
-                     stat_is_var=False, backward=False, relu=relu)
+                     stat_is_var=False, backward=False, relu=relu, residual=residual)
     return output, mean, invstd
 
 
 def _save_train(ctx, inputs, output, mean, invstd):
     """Saved state of a training forward: batch_norm_apply's with batch_stats=True."""
-    input, weight, bias, _, _, _, _, eps, relu = inputs
-    _setup_context(ctx, (input, weight, bias, mean, invstd, True, eps, relu), output)
+    input, weight, bias, _, _, _, _, eps, relu, residual = inputs
+    _setup_context(ctx, (input, weight, bias, mean, invstd, True, eps, relu, residual), output)
 
 
 class EagerTrain(torch.autograd.Function):
@@ -307,8 +344,8 @@ class EagerTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *_grad_stats):
-        grad_input, grad_weight, grad_bias = _backward(ctx, grad_output, backward_impl)[:3]
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        grads = _backward(ctx, grad_output, backward_impl)
+        return (*grads[:3], None, None, None, None, None, None, grads[-1])
 
 
 class FuncTrain(EagerTrain):
