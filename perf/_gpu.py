@@ -158,9 +158,14 @@ class _Alarm:
         return False
 
 
+def _tensors_per_set(case: S.Case) -> int:
+    """x and dy, and the residual z in the "+add_relu" cases."""
+    return 3 if case.family.endswith("+add_relu") else 2
+
+
 def _rotation(case: S.Case, l2: int) -> int:
-    """Buffer sets (x, dy) so that the rotated set is >= 4x L2, at most 32 and 8 GB."""
-    per_set = 2 * case.numel * case.elem_size
+    """Buffer sets (x, dy[, z]) so that the rotated set is >= 4x L2, at most 32 and 8 GB."""
+    per_set = _tensors_per_set(case) * case.numel * case.elem_size
     k = math.ceil(4 * l2 / per_set)
     return max(1, min(k, 32, (8 << 30) // per_set))
 
@@ -173,49 +178,58 @@ class Bencher:
     def case_rows(self, case: S.Case) -> list[dict]:
         k = _rotation(case, self.info["l2_bytes"])
         dt = S.DTYPES[case.dtype]
-        xs, dys = [], []
+        xs, dys, zs = [], [], None
         for _ in range(k):
             xs.append(S.empty(case.shape, case.layout, dt, DEVICE).normal_().requires_grad_())
             dys.append(S.empty(case.shape, case.layout, dt, DEVICE).normal_())
+        if _tensors_per_set(case) == 3:
+            zs = [S.empty(case.shape, case.layout, dt, DEVICE).normal_().requires_grad_()
+                  for _ in range(k)]
         ref = None
         if case.numel <= REF_MAX_NUMEL:
             m64 = P.init_module(P.TORCH_CLASSES[len(case.shape)](case.shape[1])).to(DEVICE).double()
             with torch.no_grad():
                 ref = m64(xs[0].detach().double())
+                if zs is not None:
+                    ref = (ref + zs[0].double()).clamp_min(0)
             del m64
         rows = []
         for prov in case.providers:
-            rows += self._provider_rows(case, prov, xs, dys, ref, k)
-        del xs, dys, ref
+            rows += self._provider_rows(case, prov, xs, dys, ref, k, zs)
+        del xs, dys, zs, ref
         torch.cuda.empty_cache()
         return rows
 
-    def _provider_rows(self, case, prov, xs, dys, ref, k) -> list[dict]:
+    def _provider_rows(self, case, prov, xs, dys, ref, k, zs) -> list[dict]:
         rows = []
         base = dict(family=case.family, name=case.name, shape="x".join(map(str, case.shape)),
                     layout=case.layout, dtype=case.dtype, count=case.count, provider=prov,
                     numel=case.numel, rot_sets=k,
-                    rot_bytes=2 * k * case.numel * case.elem_size)
+                    rot_bytes=_tensors_per_set(case) * k * case.numel * case.elem_size)
+        residual = None
+        if zs is not None:
+            by_input = {x.data_ptr(): z for x, z in zip(xs, zs)}
+            residual = lambda x: by_input[x.data_ptr()]  # noqa: E731
         try:
             if prov.startswith("torch_compile"):
                 torch._dynamo.reset()
-            m, fwd = P.make(prov, len(case.shape), case.shape[1], DEVICE, case.dtype)
+            m, fwd = P.make(prov, len(case.shape), case.shape[1], DEVICE, case.dtype, residual)
         except Exception as e:
             return [dict(base, phase=p, error=_msg(e)) for p in self.opts.phases]
         for phase in self.opts.phases:
             row = dict(base, phase=phase,
-                       min_bytes=S.MIN_PASSES[phase] * case.numel * case.elem_size)
+                       min_bytes=S.min_passes(case.family, phase) * case.numel * case.elem_size)
             try:
                 with P.provider_env(prov):
-                    self._measure(row, case, prov, phase, m, fwd, xs, dys, ref)
+                    self._measure(row, case, prov, phase, m, fwd, xs, dys, ref, zs)
             except Exception as e:
                 row["error"] = _msg(e)
                 self.log(f"  {prov} {phase} {case.label}: {row['error']}")
             rows.append(row)
         return rows
 
-    def _measure(self, row, case, prov, phase, m, fwd, xs, dys, ref):
-        f = P.phase_callable(phase, m, fwd, xs, dys)
+    def _measure(self, row, case, prov, phase, m, fwd, xs, dys, ref, zs):
+        f = P.phase_callable(phase, m, fwd, xs, dys, zs)
         t0 = time.perf_counter()
         out = f()
         torch.cuda.synchronize()
@@ -237,7 +251,7 @@ class Bencher:
             n = min(400, max(k, int(1.0 / max(ms, 1e-3))))
             n = k * math.ceil(n / k)
             try:
-                g = _graph_ms(lambda: P.phase_callable(phase, m, fwd, xs, dys), n)
+                g = _graph_ms(lambda: P.phase_callable(phase, m, fwd, xs, dys, zs), n)
                 row["ms_graph"] = g
                 row["graph_calls"] = n
                 row["gbps_graph"] = row["min_bytes"] / g / 1e6
@@ -269,11 +283,11 @@ def add_speedups(rows: list[dict]) -> None:
         if r.get("ms"):
             ms[key(r) + (r["provider"],)] = r["ms"]
     for r in rows:
-        if r["provider"] in ("tritonbn", "tritonbn_relu") and r.get("ms"):
-            relu = r["provider"] in S.RELU_PROVIDERS  # BatchNorm + ReLU against its peers
+        if r["provider"] in ("tritonbn", "tritonbn_relu", "tritonbn_add_relu") and r.get("ms"):
+            group = S.peers(r["provider"])  # BatchNorm [+ add] + ReLU against its peers
             for (*k, prov), v in ms.items():
                 if (tuple(k) == key(r) and prov != r["provider"]
-                        and (prov in S.RELU_PROVIDERS) == relu):
+                        and S.peers(prov) == group):
                     r[f"speedup_vs_{prov}"] = v / r["ms"]
 
 

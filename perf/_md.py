@@ -257,21 +257,30 @@ def _gpu_network(summary) -> list[str]:
 
 
 def _gpu_relu(summary) -> list[str]:
-    rows = [r for r in summary.get("rows", []) if r["provider"] == "tritonbn_relu"]
-    if not rows:
-        return []
-    table = [[r["family"], r["name"], r["layout"], r["dtype"], PHASE_TITLES[r["phase"]],
-              r.get("ms"), r.get("gbps"), r.get("speedup_vs_torch_relu"),
-              r.get("speedup_vs_torch_compile_relu"), r.get("error", "")] for r in rows]
-    return ["## BatchNorm + ReLU (tritonbn's fused ReLU against BatchNorm then ReLU)", "",
-            md_table(["family", "layer", "layout", "dtype", "phase", "tritonbn_relu ms",
-                      "GB/s (BatchNorm bytes)", "speedup vs torch BN+ReLU",
-                      "speedup vs compiled BN+ReLU", "error"], table), ""]
+    """The fused epilogues against the same computation by torch, eager and compiled."""
+    L = []
+    for ours, title, what, bytes_note in (
+            ("tritonbn_relu", "BatchNorm + ReLU (tritonbn's fused ReLU against BatchNorm then "
+             "ReLU)", "BN+ReLU", "BatchNorm bytes"),
+            ("tritonbn_add_relu", "BatchNorm + residual + ReLU (tritonbn's fused add and ReLU "
+             "against BatchNorm, += residual, ReLU)", "BN+add+ReLU", "+ residual bytes")):
+        rows = [r for r in summary.get("rows", []) if r["provider"] == ours]
+        if not rows:
+            continue
+        torch_eager, torch_compiled = S.peers(ours)[1:]
+        table = [[r["family"], r["name"], r["layout"], r["dtype"], PHASE_TITLES[r["phase"]],
+                  r.get("ms"), r.get("gbps"), r.get(f"speedup_vs_{torch_eager}"),
+                  r.get(f"speedup_vs_{torch_compiled}"), r.get("error", "")] for r in rows]
+        L += [f"## {title}", "",
+              md_table(["family", "layer", "layout", "dtype", "phase", f"{ours} ms",
+                        f"GB/s (minimal: {bytes_note})", f"speedup vs torch {what}",
+                        f"speedup vs compiled {what}", "error"], table), ""]
+    return L
 
 
 def _gpu_phase(summary, phase) -> list[str]:
     rows = [r for r in summary.get("rows", []) if r.get("phase") == phase
-            and r["provider"] not in S.RELU_PROVIDERS]
+            and not S.peers(r["provider"])]
     if not rows:
         return []
     key = lambda r: (r["family"], r["name"], r["shape"], r["layout"], r["dtype"])

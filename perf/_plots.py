@@ -17,7 +17,8 @@ CPU_LABEL = "CPU: interpreter counts and models, not GPU timings"
 COLORS = {"tritonbn": "tab:blue", "tritonbn_tuned": "tab:cyan", "tritonbn_split": "tab:olive",
           "torch": "tab:orange", "torch_compile": "tab:green", "apex": "tab:purple",
           "tritonbn_relu": "tab:red", "torch_relu": "tab:brown",
-          "torch_compile_relu": "tab:pink"}
+          "torch_compile_relu": "tab:pink", "tritonbn_add_relu": "tab:gray",
+          "torch_add_relu": "black", "torch_compile_add_relu": "gold"}
 MARKERS = {"NCHW": "o", "NHWC": "s", "NC": "^", "NCL": "v", "NCDHW": "D", "NDHWC": "P"}
 PHASE_TITLES = {"train_fwd": "training forward", "bwd": "backward",
                 "fwd_bwd": "forward + backward", "eval_fwd": "eval forward"}

@@ -9,7 +9,10 @@ cuDNN or PyTorch's native kernels, as torch chooses), ``torch_compile`` (the sam
 module through torch.compile / Inductor), ``apex`` (apex.contrib.groupbn NHWC fp16, only
 when importable); and BatchNorm + ReLU: ``tritonbn_relu`` (the ReLU fused into tritonbn's
 kernels), ``torch_relu`` (torch's BatchNorm then nn.ReLU), ``torch_compile_relu`` (that
-pair through torch.compile, which fuses the ReLU into its own normalize kernel).
+pair through torch.compile, which fuses the ReLU into its own normalize kernel); and
+BatchNorm + residual add + ReLU: ``tritonbn_add_relu`` (``bn(x, z)`` with the ReLU fused),
+``torch_add_relu`` (torchvision's ``out = bn(x); out += z; relu_(out)``),
+``torch_compile_add_relu`` (that through torch.compile).
 Every provider is a module with fp32 parameters and running statistics (the AMP set-up).
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ TRITONBN_ENV = {
     "tritonbn_tuned": {"TRITONBN_AUTOTUNE": "1", "TRITONBN_FUSED": "1"},
     "tritonbn_split": {"TRITONBN_AUTOTUNE": "0", "TRITONBN_FUSED": "0"},
     "tritonbn_relu": {"TRITONBN_AUTOTUNE": "0", "TRITONBN_FUSED": "1"},
+    "tritonbn_add_relu": {"TRITONBN_AUTOTUNE": "0", "TRITONBN_FUSED": "1"},
 }
 
 
@@ -86,8 +90,17 @@ class _ApexNHWC(nn.Module):
         return self.bn(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def make(provider: str, ndim: int, C: int, device, dtype_name: str = "fp32"):
-    """(module holding the state, callable forward) for ``provider``."""
+def _add_relu(bn: nn.Module, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The end of torchvision's bottleneck block, as torch runs it."""
+    out = bn(x)
+    out += z
+    return torch.relu_(out)
+
+
+def make(provider: str, ndim: int, C: int, device, dtype_name: str = "fp32", residual=None):
+    """(module holding the state, callable forward) for ``provider``. ``residual``: for
+    the ADD_RELU_PROVIDERS, a function from an input to the residual added to its
+    BatchNorm (each rotated input has its own)."""
     if provider == "apex":
         if ndim != 4 or dtype_name != "fp16" or not apex_available():
             raise NotImplementedError("apex groupbn: fp16 NHWC 2d only, and apex importable")
@@ -100,6 +113,12 @@ def make(provider: str, ndim: int, C: int, device, dtype_name: str = "fp32"):
     if provider == "tritonbn_relu":
         m.fused_relu = True
         return m, m
+    if provider == "tritonbn_add_relu":
+        m.fused_relu = True
+        return m, lambda x: m(x, residual(x))
+    if provider in S.ADD_RELU_PROVIDERS:
+        body = torch.compile(_add_relu, dynamic=False) if "compile" in provider else _add_relu
+        return m, lambda x: body(m, x, residual(x))
     fwd = nn.Sequential(m, nn.ReLU()) if provider in S.RELU_PROVIDERS else m
     if provider.startswith("torch_compile"):
         return m, torch.compile(fwd, dynamic=False)
@@ -110,14 +129,19 @@ def params(m: nn.Module) -> list[torch.Tensor]:
     return [p for p in m.parameters() if p.requires_grad]
 
 
-def phase_callable(phase: str, m: nn.Module, fwd, xs: list, dys: list):
+def phase_callable(phase: str, m: nn.Module, fwd, xs: list, dys: list, zs=None):
     """A no-argument callable running ``phase`` once, on the next of the rotated inputs.
 
     train_fwd: forward in training mode with autograd recording (as in training);
     eval_fwd: forward in eval mode under no_grad; bwd: backward only, through the autograd
-    graph of forwards made here (retained); fwd_bwd: forward then backward."""
+    graph of forwards made here (retained); fwd_bwd: forward then backward. ``zs``: the
+    residuals of the rotated inputs, whose gradients the backward computes too."""
     order = itertools.cycle(range(len(xs)))
     ps = params(m)
+    zs = zs or [None] * len(xs)
+
+    def wrt(j):
+        return [xs[j], *ps] + ([zs[j]] if zs[j] is not None else [])
     if phase == "train_fwd":
         m.train()
         return lambda: fwd(xs[next(order)])
@@ -134,12 +158,12 @@ def phase_callable(phase: str, m: nn.Module, fwd, xs: list, dys: list):
 
         def run():
             j = next(order)
-            return torch.autograd.grad(ys[j], [xs[j], *ps], dys[j], retain_graph=True)
+            return torch.autograd.grad(ys[j], wrt(j), dys[j], retain_graph=True)
         return run
     if phase == "fwd_bwd":
         def run():
             j = next(order)
             y = fwd(xs[j])
-            return torch.autograd.grad(y, [xs[j], *ps], dys[j])
+            return torch.autograd.grad(y, wrt(j), dys[j])
         return run
     raise ValueError(phase)

@@ -35,6 +35,26 @@ RESNET50_FEW = ("stem", "l1.b", "l3.b", "l4.b")
 # torch's BatchNorm then nn.ReLU, and that pair through torch.compile. Compared with one
 # another only; their cases have a family ending in "+relu".
 RELU_PROVIDERS = ("tritonbn_relu", "torch_relu", "torch_compile_relu")
+# ResNet's block ending, relu(bn3(x) + identity): tritonbn with the add and the ReLU fused
+# in (``bn(x, z)``, fuse_relu_traced), torch's BatchNorm then ``out += z`` and an in-place
+# ReLU (torchvision's code), and that through torch.compile. Compared with one another
+# only; their cases have a family ending in "+add_relu".
+ADD_RELU_PROVIDERS = ("tritonbn_add_relu", "torch_add_relu", "torch_compile_add_relu")
+# Minimal passes with the residual: z read in the forward, dz written in the backward.
+MIN_PASSES_ADD = {"train_fwd": 3, "eval_fwd": 3, "bwd": 4, "fwd_bwd": 7}
+
+
+def peers(provider: str) -> tuple:
+    """The providers ``provider`` is compared with: same computation, BatchNorm alone or
+    with the ReLU, or with the residual add and the ReLU."""
+    for group in (RELU_PROVIDERS, ADD_RELU_PROVIDERS):
+        if provider in group:
+            return group
+    return ()
+
+
+def min_passes(family: str, phase: str) -> int:
+    return (MIN_PASSES_ADD if family.endswith("+add_relu") else MIN_PASSES)[phase]
 
 
 @dataclass(frozen=True)
@@ -98,9 +118,9 @@ def gpu_cases(quick: bool = False, autotune: str = "subset", compile_: bool = Tr
     l3.* and l4.* layers, and the other layers, where both run the split path, complete the
     whole-network sums), fp32 and fp16 on four layers at batch 256, torch.compile on two layers
     (its compile time is large), BatchNorm1d with large batches, BatchNorm3d video shapes,
-    small C with large spatial size, BatchNorm + ReLU on two channels_last layers
-    (RELU_PROVIDERS), and last the autotuned tritonbn on one layer
-    (first-call tuning compiles and times every candidate config)."""
+    small C with large spatial size, BatchNorm + ReLU and BatchNorm + residual + ReLU on two
+    channels_last layers (RELU_PROVIDERS, ADD_RELU_PROVIDERS), and last the autotuned
+    tritonbn on one layer (first-call tuning compiles and times every candidate config)."""
     if quick:
         cases = resnet50_cases(256, "bf16", layers=("l1.b", "l4.b"))
         cases += [Case("bn1d", "N=1M C=32", (1_000_000, 32), "NC", "bf16")]
@@ -128,6 +148,10 @@ def gpu_cases(quick: bool = False, autotune: str = "subset", compile_: bool = Tr
     cases += [replace(c, family=c.family + "+relu")
               for c in resnet50_cases(256, "bf16", layers=("l1.b", "l3.b"), layouts=("NHWC",),
                                       providers=relu)]
+    add_relu = ADD_RELU_PROVIDERS if compile_ else ADD_RELU_PROVIDERS[:2]
+    cases += [replace(c, family=c.family + "+add_relu")
+              for c in resnet50_cases(256, "bf16", layers=("l1.b", "l3.b"), layouts=("NHWC",),
+                                      providers=add_relu)]
     if autotune == "subset":
         cases += resnet50_cases(256, "bf16", layers=("l1.b",), providers=("tritonbn_tuned",))
     elif autotune == "all":

@@ -97,6 +97,8 @@ def test_gpu_pipeline_on_cpu(tmp_path, monkeypatch):
     cases.append(S.Case("bn1d", "tiny", (16, 4), "NC", "bf16"))
     cases.append(S.Case("resnet50_b32+relu", "l1.b", (2, 4, 3, 3), "NHWC", "fp32", 1,
                         ("tritonbn_relu", "torch_relu")))
+    cases.append(S.Case("resnet50_b32+add_relu", "l1.b", (2, 4, 3, 3), "NHWC", "fp32", 1,
+                        ("tritonbn_add_relu", "torch_add_relu")))
     monkeypatch.setattr(_gpu.S, "gpu_cases", lambda *a: cases)
     opts = report.parse_args(["--phases", "train_fwd,bwd,fwd_bwd,eval_fwd", "--no-graphs", "--profile", "none"])
     opts.phases = tuple(opts.phases.split(","))
@@ -112,6 +114,12 @@ def test_gpu_pipeline_on_cpu(tmp_path, monkeypatch):
     relu = [r for r in rows if r["provider"] == "tritonbn_relu"]
     assert relu and all("speedup_vs_torch_relu" in r and "speedup_vs_torch" not in r
                         for r in relu)
+    add = [r for r in rows if r["provider"] == "tritonbn_add_relu"]
+    assert add and all(set(k for k in r if k.startswith("speedup")) == {"speedup_vs_torch_add_relu"}
+                       for r in add)
+    # the residual's bytes count: x, z and y forward; x, dy, dx and dz backward
+    assert {r["phase"]: r["min_bytes"] // (2 * 4 * 3 * 3 * 4) for r in add} == {
+        "train_fwd": 3, "bwd": 4, "fwd_bwd": 7, "eval_fwd": 3}
     assert all(r["max_rel_err_vs_fp64"] < 1e-2 for r in rows if r["phase"] == "train_fwd")
     assert len(summary["network_sums"]) == 2 * 4 * 3  # layouts x phases x providers
     n, names = _gpu._profile(lambda: torch.ones(3) + 1)  # profiler plumbing (no GPU work)
