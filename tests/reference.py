@@ -383,3 +383,24 @@ def eager_and_compiled(model, x: Tensor) -> tuple[list, list]:
     torch._dynamo.reset()
     return results[0], results[1]
 
+
+def assert_within_largest(got: Tensor, ref: Tensor, what) -> None:
+    """Max error at most 1e-5 of the largest reference value: fp32 values made of terms up
+    to |ref| (sums of a few hundred, gradients of gradients) against float64, a few fp32
+    ulps of the largest. The 1e-3 keeps an all-zero reference from demanding exact zeros."""
+    bound = 1e-5 * (ref.abs().max() + 1e-3)
+    err = (got.double() - ref).abs().max()
+    assert err <= bound, (what, err.item(), bound.item())
+
+
+def penalty_gradients(forward, leaves: list, grad_output: Tensor) -> list:
+    """First- and second-order gradients, with respect to ``leaves``, of a gradient penalty:
+    g = d(sum(forward(*leaves) * grad_output)) / d leaves (create_graph=True), then
+    d(sum(g^2)) / d leaves; a leaf the second order does not reach gets zeros. Detached, in
+    float64."""
+    y = forward(*leaves)
+    first = torch.autograd.grad((y * grad_output).sum(), leaves, create_graph=True)
+    second = torch.autograd.grad(sum((g ** 2).sum() for g in first), leaves, allow_unused=True)
+    second = [torch.zeros_like(t) if s is None else s for s, t in zip(second, leaves)]
+    return [t.detach().double() for t in (*first, *second)]
+

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import tritonbn
-from tests.reference import (DEVICE, Call, assert_close_to_reference, eager_and_compiled,
-                             make_params, make_tensor, reference_scales)
+from tests.reference import (DEVICE, Call, assert_close_to_reference, assert_within_largest,
+                             eager_and_compiled, make_params, make_tensor, penalty_gradients,
+                             reference_scales)
 
 pytestmark = pytest.mark.usefixtures("kernel_path")  # both kernel paths (conftest)
 
@@ -75,21 +76,15 @@ def test_double_backward_with_residual(training):
     w, b, rm, rv = make_params(SHAPE[1])
 
     def penalty(fn, cast):
-        leaves = [cast(t).requires_grad_() for t in (x, w, b, z)]
-        y = fn(leaves[0], cast(rm), cast(rv), leaves[1], leaves[2], training, leaves[3], True)
-        first = torch.autograd.grad((y * cast(dy)).sum(), leaves, create_graph=True)
-        second = torch.autograd.grad(sum((g ** 2).sum() for g in first), leaves,
-                                     allow_unused=True)
-        second = [torch.zeros_like(t) if s is None else s for s, t in zip(second, leaves)]
-        return [t.detach().double() for t in (*first, *second)]
+        return penalty_gradients(
+            lambda x, w, b, z: fn(x, cast(rm), cast(rv), w, b, training, z, True),
+            [cast(t).requires_grad_() for t in (x, w, b, z)], cast(dy))
 
     got = penalty(lambda x, rm, rv, w, b, t, z, r: tritonbn.batch_norm(
         x, rm, rv, w, b, t, relu=r, residual=z), lambda t: t.clone())
     ref = penalty(_torch_fused, lambda t: t.double())
     for i, (g, r) in enumerate(zip(got, ref)):
-        # fp32 values of terms up to |ref|: a few ulps of the largest, relative to it
-        bound = 1e-5 * (r.abs().max() + 1e-3)
-        assert (g - r).abs().max() <= bound, (i, (g - r).abs().max().item(), bound.item())
+        assert_within_largest(g, r, i)
 
 
 def test_residual_costs_no_launch(kernel_launches):

@@ -19,7 +19,7 @@ the first ones this pass asks for again.
 import triton
 import triton.language as tl
 
-from .grad_stats import load_channel_stats, pre_activation
+from .grad_stats import channel_scale, load_channel_stats, pre_activation
 from .tiles import tile_index, tile_offsets
 
 
@@ -55,12 +55,8 @@ def bn_apply_kernel(
                                         BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
     c_mask = c < C
     mean, invstd = load_channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, STAT_IS_VAR)
-    if HAS_WEIGHT:
-        scale = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32) * invstd
-    else:
-        scale = invstd
+    scale = channel_scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
     mean = mean[None, None, :]
-    scale = scale[None, None, :]
 
     # constexpr: a plain local would make this a runtime branch and leave x undefined below
     needs_x: tl.constexpr = (not BACKWARD) or BATCH_STATS or RELU

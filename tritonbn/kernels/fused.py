@@ -29,19 +29,9 @@ eligible, and which BLOCK_C, is decided in configs.py.
 import triton
 import triton.language as tl
 
-from .grad_stats import load_channel_stats, pre_activation, store_grad_params
+from .grad_stats import channel_scale, load_channel_stats, pre_activation, store_grad_params
 from .stats import channel_shift, update_running_stats
 from .tiles import tile_index, tile_offsets
-
-
-@triton.jit
-def _scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT: tl.constexpr):
-    """weight * invstd as a [1, 1, BLOCK_C] tile (invstd alone without weight)."""
-    if HAS_WEIGHT:
-        scale = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32) * invstd
-    else:
-        scale = invstd
-    return scale[None, None, :]
 
 
 @triton.jit(do_not_specialize=["KEY_M", "KEY_C"])
@@ -94,7 +84,7 @@ def bn_fused_kernel(
 
     if BACKWARD:
         mean, invstd = load_channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, STAT_IS_VAR)
-        scale = _scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
+        scale = channel_scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
         dy_offs = tile_offsets(o0, o1, o2, i, c, sd0, sd1, sd2, sdi, sdc, CONTIG, VEC)
         dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
         if needs_x:
@@ -127,7 +117,7 @@ def bn_fused_kernel(
         mean = mean_k + shift
         xmu = tl.where(mask, x - mean[None, None, :], 0.0)
         invstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-        scale = _scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
+        scale = channel_scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT)
         tl.store(mean_ptr + c, mean, mask=c_mask)
         tl.store(stat_ptr + c, invstd, mask=c_mask)
         if UPDATE_RUNNING:

@@ -37,6 +37,17 @@ def load_channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, STAT_IS_VAR: tl.const
 
 
 @triton.jit
+def channel_scale(weight_ptr, c, c_mask, invstd, HAS_WEIGHT: tl.constexpr):
+    """weight * invstd of channels ``c`` as a [1, 1, BLOCK_C] tile (invstd alone without
+    weight): the factor of x - mean in y and of dy in grad_input, in every kernel."""
+    if HAS_WEIGHT:
+        scale = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32) * invstd
+    else:
+        scale = invstd
+    return scale[None, None, :]
+
+
+@triton.jit
 def pre_activation(xmu, scale, bias_ptr, c, c_mask, HAS_BIAS: tl.constexpr):
     """y before any activation, (x - mean) * (weight * invstd) + bias, for [.., .., C]
     tiles: one expression for every kernel, so that the forward's ReLU and the backward's
@@ -99,10 +110,7 @@ def bn_grad_stats_kernel(
     c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean_c, invstd_c = load_channel_stats(mean_ptr, stat_ptr, c, c_mask, eps, STAT_IS_VAR)
-    if HAS_WEIGHT:
-        scale = tl.load(weight_ptr + c, mask=c_mask, other=0.0).to(tl.float32) * invstd_c
-    else:
-        scale = invstd_c
+    scale = channel_scale(weight_ptr, c, c_mask, invstd_c, HAS_WEIGHT)
 
     sum_dy = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
     sum_dy_xmu = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
@@ -115,7 +123,7 @@ def bn_grad_stats_kernel(
         dy = tl.load(dy_ptr + dy_offs, mask=mask, other=0.0).to(tl.float32)
         xmu = x - mean_c[None, None, :]
         if RELU:  # the gradient that reaches BatchNorm through max(y, 0)
-            y = pre_activation(xmu, scale[None, None, :], bias_ptr, c, c_mask, HAS_BIAS)
+            y = pre_activation(xmu, scale, bias_ptr, c, c_mask, HAS_BIAS)
             if RESIDUAL:
                 z_offs = tile_offsets(o0, o1, o2, i, ci, sz0, sz1, sz2, szi, szc, CONTIG, VEC)
                 y += tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(tl.float32)
