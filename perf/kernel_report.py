@@ -223,7 +223,8 @@ def _capture(label: str, layout: str, dtype: str, shape=SHAPE):
             launch.launch_fused_forward(x, out, make_geometry(x, out), w, b, torch.zeros(C),
                                         torch.ones(C), None, 0.1, 1e-5)
         elif label == "bn_fused_kernel[bwd]":  # training backward, every gradient
-            launch.launch_fused_backward(x, dy, out, mean, invstd, w, 1e-5, stat_is_var=False,
+            launch.launch_fused_backward(x, dy, out, make_geometry(x, dy, out), mean, invstd,
+                                         w, 1e-5, stat_is_var=False,
                                          grad_weight=torch.empty(C), grad_bias=torch.empty(C))
         else:
             raise ValueError(label)

@@ -208,6 +208,41 @@ def test_no_tracking_module_keeps_no_buffers():
     assert m.running_mean is None and m.running_var is None and m.num_batches_tracked is None
 
 
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_module_sees_parametrizations_and_plain_attributes(training, kernel_launches):
+    """The layer reads its registered parameters and buffers from the module's tables (host
+    time, modules._arguments); a weight under torch.nn.utils.parametrize (a property, no
+    longer in the table) and tensors set as plain attributes in place of the bias and the
+    running statistics must still be the ones used, as by torch's forward."""
+    from torch.nn.utils import parametrize
+
+    x = make_tensor((3, 4, 5))
+    ref = nn.BatchNorm1d(4, device=DEVICE)
+    randomize(ref)
+    ours = tritonbn.BatchNorm1d(4, device=DEVICE)
+    ours.load_state_dict(ref.state_dict())
+    ref.double()
+    for m in (ours, ref):
+        m.train(training)
+        parametrize.register_parametrization(m, "weight", _Doubled())
+        dtype = m.running_var.dtype
+        for name, value in (("bias", -0.5), ("running_mean", 0.25), ("running_var", 2.0)):
+            delattr(m, name)
+            setattr(m, name, torch.full((4,), value, dtype=dtype, device=DEVICE))
+    assert "weight" not in ours._parameters and "bias" not in ours._parameters
+    assert "running_mean" not in ours._buffers
+    y = ours(x)
+    assert sum(kernel_launches.values()) > 0
+    torch.testing.assert_close(y.double(), ref(x.double()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.running_mean.double(), ref.running_mean)
+    torch.testing.assert_close(ours.running_var.double(), ref.running_var)
+
+
 # --- convert_model -----------------------------------------------------------------------------
 
 class UserBatchNorm(nn.BatchNorm2d):

@@ -58,22 +58,30 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps):
 
 
 def _check_tensors(input, running_mean, running_var, weight, bias):
-    """Per-channel tensors: sizes, devices and dtypes the kernels can take."""
+    """Per-channel tensors: sizes, devices and dtypes the kernels can take, with torch's
+    first error (every size, then every device, then the dtypes)."""
     C = input.size(1) if input.dim() > 1 else 0
+    device, dtype = input.device, input.dtype
+    for t in (running_mean, running_var, weight, bias):
+        if t is not None and (t.numel() != C or t.device != device or t.dtype != dtype):
+            break
+    else:  # the common case, checked in one pass: nothing to report
+        input.size(1)  # 1-D input: IndexError, as torch
+        return
     params = [(name, t) for name, t in (("running_mean", running_mean), ("running_var", running_var),
                                         ("weight", weight), ("bias", bias)) if t is not None]
     for name, t in params:
         if t.numel() != C:
             raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
     for name, t in params:
-        if t.device != input.device:
+        if t.device != device:
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but found {name} on "
-                f"{t.device} and input on {input.device}")
+                f"{t.device} and input on {device}")
     # Parameters and buffers all in the input's dtype, or (mixed precision) all fp32.
-    if any(t.dtype != input.dtype for _, t in params):
+    if any(t.dtype != dtype for _, t in params):
         if any(t.dtype != torch.float32 for _, t in params):
-            raise RuntimeError(f"mixed dtype ({input.device.type.upper()}): expect parameter "
+            raise RuntimeError(f"mixed dtype ({device.type.upper()}): expect parameter "
                                "to have scalar type of Float")
     input.size(1)  # 1-D input: IndexError, as torch
 

@@ -45,19 +45,29 @@ class _TritonBatchNorm:
         """(running_mean, running_var, weight, bias, training, momentum, eps,
         num_batches_tracked) for _batch_norm, as torch's forward derives them; counts the
         batch in num_batches_tracked when training."""
+        # Registered parameters and buffers are read from their tables, as
+        # nn.Module.__getattr__ reads them, without its Python call each (about a tenth of
+        # the host time of a training call). A name that is not registered (a
+        # parametrization's property, a tensor set as a plain attribute) is an attribute.
+        p, b = self._parameters, self._buffers
+        weight = p["weight"] if "weight" in p else self.weight
+        bias = p["bias"] if "bias" in p else self.bias
+        running_mean = b["running_mean"] if "running_mean" in b else self.running_mean
+        running_var = b["running_var"] if "running_var" in b else self.running_var
         momentum = self.momentum
         num_batches_tracked = None
         if self.training and self.track_running_stats:
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-                num_batches_tracked = self.num_batches_tracked
+            num_batches_tracked = (b["num_batches_tracked"] if "num_batches_tracked" in b
+                                   else self.num_batches_tracked)
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
             elif momentum is None:  # torch uses a factor of 0.0 here
                 momentum = 0.0
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        return (self.running_mean if use_running else None,
-                self.running_var if use_running else None,
-                self.weight, self.bias, bn_training, momentum, self.eps, num_batches_tracked)
+        bn_training = self.training or (running_mean is None and running_var is None)
+        if self.training and not self.track_running_stats:
+            running_mean = running_var = None
+        return (running_mean, running_var, weight, bias, bn_training, momentum, self.eps,
+                num_batches_tracked)
 
 
 class BatchNorm1d(_TritonBatchNorm, nn.BatchNorm1d):

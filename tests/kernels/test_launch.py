@@ -26,11 +26,10 @@ def test_launch_switches_to_the_tensors_cuda_device(monkeypatch):
         finally:
             current[0] = saved
 
-    class Kernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: ran_on.append(current[0])
+    def launcher(*args, **kwargs):
+        ran_on.append(current[0])
 
-    monkeypatch.setattr(launch, "_plan", lambda *a: (Kernel(), (1,), {}))
+    monkeypatch.setattr(launch, "_plan", lambda *a: (launcher, (), {}))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "device", device_guard)
     geom = make_geometry(torch.empty(2, 3, 4))

@@ -3,7 +3,8 @@
 The first test runs `perf/report.py --quick --cpu --out TMP` in a child process and checks
 its files and summary.json. The second drives GPU mode's code (cases, phases, rows,
 speedups, network sums, report.md, plots) on tiny CPU tensors with the CUDA-only calls
-stubbed out; its output lives in pytest's tmp dir only.
+stubbed out; its output lives in pytest's tmp dir only. The third runs
+perf/host_overhead.py briefly.
 """
 import json
 import os
@@ -130,3 +131,13 @@ def test_gpu_pipeline_on_cpu(tmp_path, monkeypatch):
                  "bandwidth_train_fwd.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "## BatchNorm + ReLU" in (tmp_path / "report.md").read_text()
+
+
+def test_host_overhead_script_runs():
+    """perf/host_overhead.py (the README's host-time table) runs and prints every row."""
+    proc = subprocess.run([sys.executable, os.path.join(PERF, "host_overhead.py"), "--calls",
+                           "20"], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.rstrip().endswith(" us")]
+    assert len(rows) == 4, proc.stdout

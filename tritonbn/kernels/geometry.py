@@ -38,6 +38,16 @@ class Geometry:
     strides: tuple[tuple[int, int, int, int, int], ...]
     needs_int64: bool
 
+    def __post_init__(self):
+        # Every per-shape cache (launch plans, path choice, workspace size) hashes the
+        # geometry on every call: hash it once.
+        object.__setattr__(self, "_hash", hash((self.channels, self.outer_sizes,
+                                                self.inner_size, self.strides,
+                                                self.needs_int64)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     @property
     def outer_size(self) -> int:
         o0, o1, o2 = self.outer_sizes
@@ -82,10 +92,10 @@ class Geometry:
 
 def make_geometry(*tensors: torch.Tensor) -> Geometry:
     """Coalesce the reduction dims of ``tensors`` (same shape, dim 1 = channels)."""
-    shape = tuple(tensors[0].shape)
+    shape = tensors[0].shape
     for t in tensors[1:]:
-        assert tuple(t.shape) == shape, (t.shape, shape)
-    return _coalesce(shape, tuple(t.stride() for t in tensors))
+        assert t.shape == shape, (t.shape, shape)
+    return _coalesce(tuple(shape), tuple(t.stride() for t in tensors))
 
 
 @functools.lru_cache(maxsize=4096)

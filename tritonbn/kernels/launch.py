@@ -151,11 +151,17 @@ def chosen_configs() -> dict[str, dict[tuple, dict]]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(name: str, geom: Geometry, device: torch.device, elem_size: int, tuned: bool):
-    """Everything about a launch that depends on shapes only, computed once per shape:
-    (kernel, grid, keyword arguments). The grid is a function of the config when tuned."""
+def _plan(name: str, geom: Geometry, device: torch.device, elem_size: int, tuned: bool,
+          flags: tuple, present: tuple):
+    """Everything about a launch that depends on shapes, strides and flags only, computed
+    once: (``kernel[grid]``, the trailing positional arguments (sizes, then the strides of
+    each tensor slot, see _slot_strides), the keyword arguments with the ``flags`` pairs).
+    The grid is a function of the config when tuned. Host time per call matters for small
+    layers, whose kernels run for microseconds."""
+    tail = geom.sizes + _slot_strides(geom, present)
     kwargs = dict(KEY_M=C_._pow2(geom.reduction_size), KEY_C=C_._pow2(geom.channels),
-                  CONTIG=geom.contig, INT64=geom.needs_int64, VEC=geom.vec(elem_size))
+                  CONTIG=geom.contig, INT64=geom.needs_int64, VEC=geom.vec(elem_size),
+                  **dict(flags))
     if name == "bn_fused_kernel":
         kwargs["BLOCK_O"], kwargs["BLOCK_I"] = C_.fused_tile(geom)
 
@@ -169,14 +175,14 @@ def _plan(name: str, geom: Geometry, device: torch.device, elem_size: int, tuned
             return reduction_grid(geom, meta, device)
 
     if tuned:
-        return TUNED[name], grid, kwargs
+        return TUNED[name][grid], tail, kwargs
     if name == "bn_fused_kernel":
         cfg = C_.fused_default_config(geom, 2 * _sm_count(device), INTERPRETED)
     else:
         cfg = C_.default_config(geom, elem_size, INTERPRETED)
         if name == "bn_apply_kernel":
             cfg.pop("WAVES")
-    return RAW[name], grid(cfg), {**kwargs, **cfg}
+    return RAW[name][grid(cfg)], tail, {**kwargs, **cfg}
 
 
 def clear_caches() -> None:
@@ -189,17 +195,21 @@ def clear_caches() -> None:
 
 
 def _launch(name: str, geom: Geometry, device: torch.device, elem_size: int, args: tuple,
-            flags: dict):
-    kernel, grid, kwargs = _plan(name, geom, device, elem_size, autotune_enabled())
+            flags: dict, present: tuple = (True,)):
+    """Launch kernel ``name`` with its leading ``args`` (pointers and scalars) and constexpr
+    ``flags``; ``present`` says which of its tensor slots hold an operand of ``geom`` (x
+    first); the sizes and strides that follow ``args`` come from the cached plan."""
+    launcher, tail, kwargs = _plan(name, geom, device, elem_size, autotune_enabled(),
+                                   tuple(flags.items()), present)
     # Triton launches on the current CUDA device and its current stream, not on the device
     # of the tensors: an input on cuda:1 while cuda:0 is current (a process that moved its
     # model with .to("cuda:1") without torch.cuda.set_device) needs the device switched,
     # as torch's own ops do with their device guards.
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):
-            kernel[grid](*args, **kwargs, **flags)
+            launcher(*args, *tail, **kwargs)
         return
-    kernel[grid](*args, **kwargs, **flags)
+    launcher(*args, *tail, **kwargs)
 
 
 class _Counters:
@@ -285,8 +295,8 @@ def launch_stats(x, geom, running_mean, running_var, num_batches_tracked, moment
     partials, counter = _workspace(geom, device, x.element_size(), 3)
     dense, run_ptrs, momentum, run_flags = _running_update(
         running_mean, running_var, num_batches_tracked, momentum, device)
-    args = (x, partials, counter, mean, invstd, *run_ptrs, momentum, float(eps), *geom.sizes)
-    _launch("bn_stats_kernel", geom, device, x.element_size(), args + geom.strides[0],
+    args = (x, partials, counter, mean, invstd, *run_ptrs, momentum, float(eps))
+    _launch("bn_stats_kernel", geom, device, x.element_size(), args,
             dict(run_flags, WRITE_VAR=write_var))
     _write_back((running_mean, running_var), dense)
     return mean, invstd
@@ -302,12 +312,12 @@ def launch_apply(x, dy, out, mean, stat, weight, bias, coef, eps, *, stat_is_var
     dummy = _dummy(x.device)
     args = (x, dummy if second is None else second, out, _vec(mean), _vec(stat),
             dummy if weight is None else _vec(weight), dummy if bias is None else _vec(bias),
-            dummy if coef is None else coef, float(eps), *geom.sizes)
-    _launch("bn_apply_kernel", geom, x.device, x.element_size(),
-            args + _slot_strides(geom, (True, second is not None, True)),
+            dummy if coef is None else coef, float(eps))
+    _launch("bn_apply_kernel", geom, x.device, x.element_size(), args,
             dict(STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
                  HAS_BIAS=bias is not None, BACKWARD=backward, BATCH_STATS=coef is not None,
-                 RELU=relu, RESIDUAL=residual is not None))
+                 RELU=relu, RESIDUAL=residual is not None),
+            (True, second is not None, True))
     return out
 
 
@@ -330,12 +340,12 @@ def launch_grad_stats(x, dy, mean, stat, eps, *, stat_is_var, grad_weight, grad_
             dummy if grad_bias is None else grad_bias,
             dummy if coef is None else coef,
             residual if with_z else dummy, grad_residual if with_z else dummy,
-            float(eps), 1.0 / geom.reduction_size, *geom.sizes)
-    _launch("bn_grad_stats_kernel", geom, device, x.element_size(),
-            args + _slot_strides(geom, (True, True, with_z, with_z)),
+            float(eps), 1.0 / geom.reduction_size)
+    _launch("bn_grad_stats_kernel", geom, device, x.element_size(), args,
             dict(STAT_IS_VAR=stat_is_var, HAS_GRAD_WEIGHT=grad_weight is not None,
                  HAS_GRAD_BIAS=grad_bias is not None, WRITE_COEF=want_coef, RELU=relu,
-                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RESIDUAL=with_z))
+                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RESIDUAL=with_z),
+            (True, True, with_z, with_z))
     return coef
 
 
@@ -353,26 +363,26 @@ def launch_fused_forward(x, out, geom, weight, bias, running_mean, running_var,
     args = (x, dummy, out, mean, invstd,
             dummy if weight is None else _vec(weight), dummy if bias is None else _vec(bias),
             *run_ptrs, dummy, dummy, dummy if residual is None else residual, dummy,
-            momentum, float(eps), 1.0 / geom.reduction_size, *geom.sizes)
+            momentum, float(eps), 1.0 / geom.reduction_size)
     with_z = residual is not None
-    _launch("bn_fused_kernel", geom, device, x.element_size(),
-            args + _slot_strides(geom, (True, False, True, with_z, False)),
+    _launch("bn_fused_kernel", geom, device, x.element_size(), args,
             dict(BACKWARD=False, STAT_IS_VAR=False, HAS_WEIGHT=weight is not None,
                  HAS_BIAS=bias is not None, HAS_GRAD_WEIGHT=False, HAS_GRAD_BIAS=False,
-                 WRITE_OUT=True, RELU=relu, RESIDUAL=with_z, **run_flags))
+                 WRITE_OUT=True, RELU=relu, RESIDUAL=with_z, **run_flags),
+            (True, False, True, with_z, False))
     _write_back((running_mean, running_var), dense)
     return mean, invstd
 
 
-def launch_fused_backward(x, dy, grad_input, mean, stat, weight, eps, *, stat_is_var,
+def launch_fused_backward(x, dy, grad_input, geom, mean, stat, weight, eps, *, stat_is_var,
                           grad_weight, grad_bias, relu=False, bias=None, residual=None,
                           grad_residual=None):
-    """Backward in one single-pass launch (use_fused must hold for ``backward_geometry``):
-    grad_input (when given), grad_weight and grad_bias (when given). ``relu``: BatchNorm +
-    ReLU, whose mask is recomputed from x, weight, ``bias`` and ``residual``
-    (relu(y + residual)); the masked dy then goes to ``grad_residual``."""
+    """Backward in one single-pass launch: ``geom`` = backward_geometry(x, dy, grad_input,
+    residual, grad_residual), for which use_fused holds. Writes grad_input (when given),
+    grad_weight and grad_bias (when given). ``relu``: BatchNorm + ReLU, whose mask is
+    recomputed from x, weight, ``bias`` and ``residual`` (relu(y + residual)); the masked dy
+    then goes to ``grad_residual``."""
     device = x.device
-    geom = backward_geometry(x, dy, grad_input, residual, grad_residual)
     with_z = residual is not None
     dummy = _dummy(device)
     args = (x, dy, dummy if grad_input is None else grad_input, _vec(mean), _vec(stat),
@@ -381,13 +391,13 @@ def launch_fused_backward(x, dy, grad_input, mean, stat, weight, eps, *, stat_is
             dummy if grad_weight is None else grad_weight,
             dummy if grad_bias is None else grad_bias,
             residual if with_z else dummy, grad_residual if with_z else dummy,
-            0.0, float(eps), 1.0 / geom.reduction_size, *geom.sizes)
-    _launch("bn_fused_kernel", geom, device, x.element_size(),
-            args + _slot_strides(geom, (True, True, grad_input is not None, with_z, with_z)),
+            0.0, float(eps), 1.0 / geom.reduction_size)
+    _launch("bn_fused_kernel", geom, device, x.element_size(), args,
             dict(BACKWARD=True, STAT_IS_VAR=stat_is_var, HAS_WEIGHT=weight is not None,
                  HAS_BIAS=bias is not None, UPDATE_RUNNING=False, CUMULATIVE=False,
                  HAS_GRAD_WEIGHT=grad_weight is not None, HAS_GRAD_BIAS=grad_bias is not None,
-                 WRITE_OUT=grad_input is not None, RELU=relu, RESIDUAL=with_z))
+                 WRITE_OUT=grad_input is not None, RELU=relu, RESIDUAL=with_z),
+            (True, True, grad_input is not None, with_z, with_z))
 
 
 def forward_geometry(x, out, residual=None) -> Geometry:

@@ -153,10 +153,11 @@ def backward_impl(
         grad_weight.zero_()
         grad_bias.zero_()
         return grads
-    if use_fused(backward_geometry(input, grad_output, grad_input if want_input else None,
-                                   residual, grad_residual)):
-        launch_fused_backward(input, grad_output, grad_input if want_input else None, mean,
-                              stat, weight, eps, stat_is_var=not batch_stats,
+    grad_input_out = grad_input if want_input else None
+    geom = backward_geometry(input, grad_output, grad_input_out, residual, grad_residual)
+    if use_fused(geom):
+        launch_fused_backward(input, grad_output, grad_input_out, geom, mean, stat, weight,
+                              eps, stat_is_var=not batch_stats,
                               grad_weight=grad_weight if want_weight else None,
                               grad_bias=grad_bias if want_bias else None, relu=relu, bias=bias,
                               residual=residual, grad_residual=grad_residual)
