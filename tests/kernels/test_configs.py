@@ -338,10 +338,13 @@ def test_every_config_is_exercised():
 
 @pytest.fixture
 def fresh_tuners(monkeypatch):
-    """Empty autotune caches for the test (restored afterwards): every key is new."""
+    """Empty autotune caches for the test (restored afterwards): every key is new, and the
+    launch plans that remember the autotuners' choices are forgotten too."""
     for tuner in launch.TUNED.values():
         monkeypatch.setattr(tuner, "cache", {})
-    return launch.TUNED
+    launch.clear_caches()
+    yield launch.TUNED
+    launch.clear_caches()
 
 
 def _timings(tuner):

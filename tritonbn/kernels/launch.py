@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 
 import torch
 import triton
+from triton.runtime.autotuner import Autotuner
 
 from . import configs as C_
 from .apply import bn_apply_kernel
@@ -155,9 +157,16 @@ def _plan(name: str, geom: Geometry, device: torch.device, elem_size: int, tuned
           flags: tuple, present: tuple):
     """Everything about a launch that depends on shapes, strides and flags only, computed
     once: (``kernel[grid]``, the trailing positional arguments (sizes, then the strides of
-    each tensor slot, see _slot_strides), the keyword arguments with the ``flags`` pairs).
-    The grid is a function of the config when tuned. Host time per call matters for small
-    layers, whose kernels run for microseconds."""
+    each tensor slot, see _slot_strides), the keyword arguments with the ``flags`` pairs,
+    ``chosen``). The grid is a function of the config when tuned. Host time per call
+    matters for small layers, whose kernels run for microseconds.
+
+    ``chosen``, for tuned plans (None otherwise): (the plain kernel's launcher, {argument
+    dtypes: keyword arguments with the config the autotuner chose}), filled by _launch.
+    The autotuner rebuilds its key from every argument on every call, tens of
+    microseconds of host time per launch (perf/host_overhead.py); its key is a function of
+    this plan and the arguments' dtypes, so once it has chosen, the plain kernel is
+    launched with its choice."""
     tail = geom.sizes + _slot_strides(geom, present)
     kwargs = dict(KEY_M=C_._pow2(geom.reduction_size), KEY_C=C_._pow2(geom.channels),
                   CONTIG=geom.contig, INT64=geom.needs_int64, VEC=geom.vec(elem_size),
@@ -175,20 +184,21 @@ def _plan(name: str, geom: Geometry, device: torch.device, elem_size: int, tuned
             return reduction_grid(geom, meta, device)
 
     if tuned:
-        return TUNED[name][grid], tail, kwargs
+        return TUNED[name][grid], tail, kwargs, (RAW[name][grid], {})
     if name == "bn_fused_kernel":
         cfg = C_.fused_default_config(geom, 2 * _sm_count(device), INTERPRETED)
     else:
         cfg = C_.default_config(geom, elem_size, INTERPRETED)
         if name == "bn_apply_kernel":
             cfg.pop("WAVES")
-    return RAW[name][grid(cfg)], tail, {**kwargs, **cfg}
+    return RAW[name][grid(cfg)], tail, {**kwargs, **cfg}, None
 
 
 def clear_caches() -> None:
-    """Forget per-shape launch plans, workspace sizes and path choices: needed after
-    changing what they were built from (configs.default_config, the RAW / TUNED kernels),
-    e.g. in tests."""
+    """Forget per-shape launch plans (with the autotuners' choices they remember),
+    workspace sizes and path choices: needed after changing what they were built from
+    (configs.default_config, the RAW / TUNED kernels, the autotuners' caches), e.g. in
+    tests."""
     _plan.cache_clear()
     _max_splits.cache_clear()
     C_.fused_fits.cache_clear()
@@ -199,17 +209,46 @@ def _launch(name: str, geom: Geometry, device: torch.device, elem_size: int, arg
     """Launch kernel ``name`` with its leading ``args`` (pointers and scalars) and constexpr
     ``flags``; ``present`` says which of its tensor slots hold an operand of ``geom`` (x
     first); the sizes and strides that follow ``args`` come from the cached plan."""
-    launcher, tail, kwargs = _plan(name, geom, device, elem_size, autotune_enabled(),
-                                   tuple(flags.items()), present)
+    launcher, tail, kwargs, chosen = _plan(name, geom, device, elem_size, autotune_enabled(),
+                                           tuple(flags.items()), present)
+    if chosen is not None:
+        dtypes = tuple([a.dtype for a in args if isinstance(a, torch.Tensor)])
+        choice = chosen[1].get(dtypes)
+        if choice is None:
+            # Through the autotuner this once. Its choice is read back from it
+            # (best_config), so no other launch through an autotuner may come in between
+            # (threads: nn.DataParallel runs a replica per thread).
+            with _TUNER_LOCK:
+                _on_device(device, launcher, *args, *tail, **kwargs)
+                _remember_choice(TUNED[name], chosen[1], dtypes, kwargs)
+            return
+        launcher, kwargs = chosen[0], choice
+    _on_device(device, launcher, *args, *tail, **kwargs)
+
+
+_TUNER_LOCK = threading.Lock()
+
+
+def _on_device(device: torch.device, launcher, *args, **kwargs) -> None:
     # Triton launches on the current CUDA device and its current stream, not on the device
     # of the tensors: an input on cuda:1 while cuda:0 is current (a process that moved its
     # model with .to("cuda:1") without torch.cuda.set_device) needs the device switched,
     # as torch's own ops do with their device guards.
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):
-            launcher(*args, *tail, **kwargs)
-        return
-    launcher(*args, *tail, **kwargs)
+            launcher(*args, **kwargs)
+    else:
+        launcher(*args, **kwargs)
+
+
+def _remember_choice(tuner, choices: dict, dtypes: tuple, kwargs: dict) -> None:
+    """After a launch through ``tuner``: the config it chose (``best_config``) for launches
+    with these argument dtypes on the same plan. Not for a config with a pre-launch hook,
+    which only the autotuner would run (tritonbn's have none), nor for stand-ins (tests)."""
+    if isinstance(tuner, Autotuner) and getattr(tuner, "best_config", None) is not None:
+        config = tuner.best_config
+        if config.pre_hook is None:
+            choices[dtypes] = {**kwargs, **config.all_kwargs()}
 
 
 class _Counters:
