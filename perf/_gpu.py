@@ -49,27 +49,39 @@ def copy_bandwidth(n_bytes: int = 1 << 30) -> dict:
     return dict(bytes=n_bytes, ms=ms, gbps=2 * n_bytes / ms / 1e6)
 
 
-def host_overhead(n_calls: int = 2000) -> list[dict]:
+def host_overhead(n_calls: int = 2000, device: str = "cuda") -> list[dict]:
     """Host time per call of a BatchNorm2d module on a tiny input: the loop runs without
     synchronisation (enqueue rate) then one final synchronize (both reported). The input
-    fits the single-pass kernel: tritonbn_split gives the split path's launches next to it."""
+    fits the single-pass kernel: tritonbn_split gives the split path's launches next to it.
+    train_fwd_bwd: forward and backward of an input that requires grad, as in a network.
+    ``device``: "cpu" runs the same code through the interpreter (tests)."""
     rows = []
-    x = torch.randn(2, 16, 4, 4, device="cuda")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    x = torch.randn(2, 16, 4, 4, device=device)
+    x_grad, dy = x.clone().requires_grad_(), torch.randn_like(x)
     for prov in ("tritonbn", "tritonbn_tuned", "tritonbn_split", "torch"):
-        for mode in ("train_fwd", "eval_fwd"):
+        for mode in ("train_fwd", "train_fwd_bwd", "eval_fwd"):
+            training = mode != "eval_fwd"
             try:
                 with P.provider_env(prov):
-                    m, fwd = P.make(prov, 4, 16, "cuda")
-                    m.train(mode == "train_fwd")
-                    with torch.set_grad_enabled(mode == "train_fwd"):
-                        for _ in range(20):
+                    m, fwd = P.make(prov, 4, 16, device)
+                    m.train(training)
+
+                    def call():
+                        if mode == "train_fwd_bwd":
+                            fwd(x_grad).backward(dy)
+                        else:
                             fwd(x)
-                        torch.cuda.synchronize()
+
+                    with torch.set_grad_enabled(training):
+                        for _ in range(min(20, n_calls)):
+                            call()
+                        sync()
                         t0 = time.perf_counter()
                         for _ in range(n_calls):
-                            fwd(x)
+                            call()
                         t1 = time.perf_counter()
-                        torch.cuda.synchronize()
+                        sync()
                         t2 = time.perf_counter()
                 rows.append(dict(provider=prov, phase=mode, shape="2x16x4x4", n_calls=n_calls,
                                  us_per_call_no_sync=(t1 - t0) / n_calls * 1e6,

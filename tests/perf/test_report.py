@@ -3,8 +3,8 @@
 The first test runs `perf/report.py --quick --cpu --out TMP` in a child process and checks
 its files and summary.json. The second drives GPU mode's code (cases, phases, rows,
 speedups, network sums, report.md, plots) on tiny CPU tensors with the CUDA-only calls
-stubbed out; its output lives in pytest's tmp dir only. The third runs
-perf/host_overhead.py briefly.
+stubbed out; its output lives in pytest's tmp dir only. The last two run
+perf/host_overhead.py briefly, and GPU mode's host-time rows on CPU tensors.
 """
 import json
 import os
@@ -141,3 +141,16 @@ def test_host_overhead_script_runs():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.rstrip().endswith(" us")]
     assert len(rows) == 4, proc.stdout
+
+
+def test_gpu_host_overhead_on_cpu(monkeypatch):
+    """GPU mode's host-time rows (perf/_gpu.host_overhead), run on CPU tensors through the
+    interpreter: every provider and phase gives a time, none an error."""
+    monkeypatch.syspath_prepend(PERF)
+    import _gpu
+
+    rows = _gpu.host_overhead(2, device="cpu")
+    assert [(r["provider"], r["phase"]) for r in rows] == [
+        (p, m) for p in ("tritonbn", "tritonbn_tuned", "tritonbn_split", "torch")
+        for m in ("train_fwd", "train_fwd_bwd", "eval_fwd")]
+    assert all("error" not in r and r["us_per_call_with_sync"] > 0 for r in rows), rows
