@@ -46,9 +46,9 @@ class _TritonBatchNorm:
         num_batches_tracked) for _batch_norm, as torch's forward derives them; counts the
         batch in num_batches_tracked when training."""
         # Registered parameters and buffers are read from their tables, as
-        # nn.Module.__getattr__ reads them, without its Python call each (about a tenth of
-        # the host time of a training call). A name that is not registered (a
-        # parametrization's property, a tensor set as a plain attribute) is an attribute.
+        # nn.Module.__getattr__ reads them, without a Python call each (host time per
+        # call, perf/host_overhead.py). A name that is not registered (a parametrization's
+        # property, a tensor set as a plain attribute) is read as an attribute.
         p, b = self._parameters, self._buffers
         weight = p["weight"] if "weight" in p else self.weight
         bias = p["bias"] if "bias" in p else self.bias
