@@ -1,5 +1,5 @@
-"""tritonbn under torch.func transforms (grad, vjp, nested grad; vmap raises), as used by
-meta-learning and per-example-loss code with torch.func.functional_call.
+"""tritonbn under torch.func transforms (grad, vjp, nested grad, vmap), as used by
+meta-learning, per-example-loss and ensembling code with torch.func.functional_call.
 
 Gradients of tritonbn in fp32 are compared with those of torch's BatchNorm in float64 under
 the same transform. Training mode is covered without running statistics: with them,
@@ -100,9 +100,126 @@ def test_running_stats_mutation_raises_like_torch():
             grad(lambda p: functional_call(bn, p, (x,)).sum())(params)
 
 
-def test_vmap_raises():
-    """vmap is not supported (torch's BatchNorm has batching rules, tritonbn's autograd
-    Functions have none): it must raise, not compute something else."""
-    x = make_tensor((3, *SHAPE))
-    with pytest.raises(RuntimeError, match="vmap"):
-        torch.func.vmap(lambda x: tritonbn.batch_norm(x, None, None, None, None, True))(x)
+B = 3  # vmapped slices
+F = torch.nn.functional
+
+
+def _per_slice(fn, *batched):
+    """torch's BatchNorm slice by slice in float64: the reference for vmap. ``batched``:
+    tensors with the vmapped dimension first (None: absent)."""
+    return torch.stack([fn(*(None if t is None else t[i].double() for t in batched))
+                        for i in range(B)])
+
+
+@pytest.mark.parametrize("relu,residual", [(False, False), (True, True)],
+                         ids=["bn", "add_relu"])
+def test_vmap_batch_statistics(relu, residual, kernel_launches):
+    """Each slice's own batch statistics; a batched weight and residual, a shared bias."""
+    x, z = make_tensor((B, *SHAPE)), make_tensor((B, *SHAPE))
+    w = 1 + 0.5 * make_tensor((B, SHAPE[1]))
+    _, b, _, _ = make_params(SHAPE[1])
+    z = z if residual else None
+
+    def ref(x, w, z):
+        out = F.batch_norm(x, None, None, w, b.double(), True)
+        out = out if z is None else out + z
+        return torch.relu(out) if relu else out
+
+    got = torch.func.vmap(lambda x, w, z: tritonbn.batch_norm(
+        x, None, None, w, b, True, relu=relu, residual=z), in_dims=(0, 0, 0 if residual else None))(x, w, z)
+    assert_within_largest(got, _per_slice(ref, x, w, z), "output")
+    assert sum(kernel_launches.values()) > 0  # the kernels, not a fallback
+
+
+@pytest.mark.parametrize("stats_dim", [0, 1])
+def test_vmap_running_statistics_per_slice(stats_dim):
+    """Batched running statistics: each slice normalises with and updates its own, in
+    training, and reads its own in evaluation; the input vmapped along its dimension 1.
+    Statistics vmapped along their dimension 1 ([C, B]) cannot be folded into one vector
+    without a copy, whose update must reach them."""
+    x = make_tensor((SHAPE[0], B, *SHAPE[1:]))
+    w, b, _, _ = make_params(SHAPE[1])
+    rm, rv = 0.3 * make_tensor((B, SHAPE[1])), 0.5 + make_tensor((B, SHAPE[1])).abs()
+    rm_ref, rv_ref = rm.double(), rv.double()
+    rm_phys, rv_phys = rm, rv
+    if stats_dim == 1:  # stored [C, B]; rm, rv: [B, C] views of that storage
+        rm_phys, rv_phys = rm.t().contiguous(), rv.t().contiguous()
+        rm, rv = rm_phys.t(), rv_phys.t()
+    for training in (True, False):
+        got = torch.func.vmap(lambda x, rm, rv: tritonbn.batch_norm(x, rm, rv, w, b, training),
+                              in_dims=(1, stats_dim, stats_dim))(x, rm_phys, rv_phys)
+        ref = torch.stack([F.batch_norm(x[:, i].double(), rm_ref[i], rv_ref[i], w.double(),
+                                        b.double(), training) for i in range(B)])
+        assert_within_largest(got, ref, ("output", training))
+        assert_within_largest(rm, rm_ref, ("running_mean", training))
+        assert_within_largest(rv, rv_ref, ("running_var", training))
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running_stats", "no_running_stats"])
+def test_vmap_ensemble_shares_input_and_running_statistics(running):
+    """One input and one set of running statistics (or none) for every slice (an ensemble
+    of weights): the statistics are updated once, as by torch's batching rule."""
+    x = make_tensor(SHAPE)
+    w, b = 1 + 0.5 * make_tensor((B, SHAPE[1])), make_tensor((B, SHAPE[1]))
+    _, _, rm, rv = make_params(SHAPE[1])
+    rm, rv = (rm, rv) if running else (None, None)
+    rm_ref, rv_ref = (rm.double(), rv.double()) if running else (None, None)
+    got = torch.func.vmap(lambda w, b: tritonbn.batch_norm(x, rm, rv, w, b, True, relu=True))(w, b)
+    ref = torch.relu(_per_slice(lambda w, b: F.batch_norm(x.double(), None, None, w, b, True),
+                                w, b))
+    assert_within_largest(got, ref, "output")
+    if running:
+        F.batch_norm(x.double(), rm_ref, rv_ref, None, None, True)  # the one update
+        assert_within_largest(rm, rm_ref, "running_mean")
+        assert_within_largest(rv, rv_ref, "running_var")
+
+
+def test_vmap_unbatched_running_statistics_raise_like_torch():
+    """A batched input with running statistics shared by the slices: torch raises (which
+    slice would update them?), and so does tritonbn, with torch's words."""
+    x = make_tensor((B, *SHAPE))
+    _, _, rm, rv = make_params(SHAPE[1])
+    for fn in (F.batch_norm, tritonbn.batch_norm):
+        with pytest.raises(RuntimeError, match="were not batched"):
+            torch.func.vmap(lambda x: fn(x, rm, rv, None, None, True))(x)
+
+
+def test_vmap_of_grad_and_grad_of_vmap():
+    """Per-slice gradients (vmap of grad) and the gradient of a vmapped loss (grad of vmap),
+    against torch's BatchNorm in float64 under the same transforms."""
+    x, dy = make_tensor((B, *SHAPE)), make_tensor((B, *SHAPE))
+    w, b, _, _ = make_params(SHAPE[1])
+
+    def run(fn, dtype):
+        def loss(w, x, dy):
+            return (fn(x, None, None, w, b.to(dtype), True) * dy).sum()
+
+        args = (x.to(dtype), dy.to(dtype))
+        per_slice = torch.func.vmap(grad(loss, argnums=(0, 1)), in_dims=(None, 0, 0))(
+            w.to(dtype), *args)
+        total = grad(lambda w: torch.func.vmap(loss, in_dims=(None, 0, 0))(w, *args).sum())(
+            w.to(dtype))
+        return [*per_slice, total]
+
+    got, ref = run(tritonbn.batch_norm, torch.float32), run(F.batch_norm, torch.float64)
+    for name, g, r in zip(("grad_weight per slice", "grad_input", "grad_weight"), got, ref):
+        assert_within_largest(g, r, name)
+
+
+def test_vmap_ensemble_of_modules_in_eval():
+    """torch.func.stack_module_state + functional_call + vmap: an ensemble of tritonbn
+    layers in evaluation, each slice with its own parameters and running statistics."""
+    x = make_tensor((B, *SHAPE))
+    layers = [tritonbn.BatchNorm2d(SHAPE[1], device=x.device).eval() for _ in range(B)]
+    for layer in layers:
+        with torch.no_grad():
+            for t, v in zip((layer.weight, layer.bias, layer.running_mean, layer.running_var),
+                            make_params(SHAPE[1])):
+                t.copy_(v)
+    params, buffers = torch.func.stack_module_state(layers)
+    got = torch.func.vmap(lambda p, bufs, x: functional_call(layers[0], (p, bufs), (x,)))(
+        params, buffers, x)
+    ref = torch.stack([F.batch_norm(x[i].double(), m.running_mean.double(),
+                                    m.running_var.double(), m.weight.double(),
+                                    m.bias.double(), False) for i, m in enumerate(layers)])
+    assert_within_largest(got, ref, "output")

@@ -302,6 +302,18 @@ class FuncApply(EagerApply):
 
     setup_context = staticmethod(_setup_context)
 
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, mean, stat, batch_stats, eps, relu=False,
+             residual=None):
+        """Under torch.func.vmap: every slice's channels side by side (_fold_input), one
+        launch."""
+        B, (x_d, w_d, b_d, m_d, s_d), z_d = info.batch_size, in_dims[:5], _dim(in_dims, 8)
+        vectors = (_fold_channels(t, d, B) for t, d in
+                   ((weight, w_d), (bias, b_d), (mean, m_d), (stat, s_d)))
+        out = FuncApply.apply(_fold_input(input, x_d, B), *vectors, batch_stats, eps, relu,
+                              _fold_input(residual, z_d, B))
+        return _unfold_input(out, B), 0
+
 
 def train_forward_impl(input, weight, bias, running_mean, running_var, num_batches_tracked,
                        momentum, eps, relu=False, residual=None):
@@ -362,3 +374,97 @@ class FuncTrain(EagerTrain):
     def setup_context(ctx, inputs, outputs):
         ctx.mark_non_differentiable(*outputs[1:])
         _save_train(ctx, inputs, *outputs)
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, running_mean, running_var,
+             num_batches_tracked, momentum, eps, relu=False, residual=None):
+        """Under torch.func.vmap, torch's batching semantics: each slice's own statistics,
+        and running statistics batched like the input (each slice updates its own) or, for
+        one input shared by every slice, unbatched (updated once)."""
+        B, (x_d, w_d, b_d, rm_d, rv_d, nbt_d) = info.batch_size, in_dims[:6]
+        z_d = _dim(in_dims, 9)
+        if nbt_d is not None:
+            raise NotImplementedError("tritonbn under vmap: num_batches_tracked batched "
+                                      "(momentum=None with per-slice buffers)")
+        if x_d is None and rm_d is None and rv_d is None:
+            return _shared_input_train(input, weight, bias, running_mean, running_var,
+                                       num_batches_tracked, momentum, eps, relu, residual,
+                                       w_d, b_d, z_d)
+        if running_mean is not None and (rm_d is None or rv_d is None):
+            raise RuntimeError(_UNBATCHED_RUNNING_STATS)
+        run_mean, run_var = (_fold_channels(running_mean, rm_d, B),
+                             _fold_channels(running_var, rv_d, B))
+        out, mean, invstd = FuncTrain.apply(
+            _fold_input(input, x_d, B), _fold_channels(weight, w_d, B),
+            _fold_channels(bias, b_d, B), run_mean, run_var, num_batches_tracked, momentum,
+            eps, relu, _fold_input(residual, z_d, B))
+        for buffer, d, folded in ((running_mean, rm_d, run_mean), (running_var, rv_d, run_var)):
+            if buffer is not None:  # the update into the slices' buffers, when folding copied
+                _copy_unless_same(folded.view(B, -1), buffer.movedim(d, 0))
+        return (_unfold_input(out, B), mean.view(B, -1), invstd.view(B, -1)), (0, 0, 0)
+
+
+# --- torch.func.vmap -------------------------------------------------------------------------
+# Under vmap each slice is a BatchNorm of its own. The rules fold the vmapped dimension into
+# the channels: slice b's (N, C, *S) input becomes channels b*C .. b*C + C - 1 of one
+# (N, B*C, *S) input, so one launch computes every slice. The fold copies the input where
+# its strides cannot express it (under vmap only: plain calls never copy).
+
+_UNBATCHED_RUNNING_STATS = (  # torch's words for the same case
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which "
+    "will be updated in place, were not batched.")
+
+
+def _dim(in_dims: tuple, index: int):
+    """The vmapped dimension of an optional trailing argument (None when not passed)."""
+    return in_dims[index] if len(in_dims) > index else None
+
+
+def _fold_input(t: Optional[Tensor], bdim, B: int) -> Optional[Tensor]:
+    """(N, B*C, *S) holding slice b's channel c at b*C + c; an unbatched tensor (bdim None)
+    is the same in every slice. None stays None."""
+    if t is None:
+        return None
+    t = t.unsqueeze(0).expand(B, *t.shape) if bdim is None else t.movedim(bdim, 0)
+    return t.movedim(0, 1).flatten(1, 2)
+
+
+def _unfold_input(t: Tensor, B: int) -> Tensor:
+    """_fold_input's inverse: (N, B*C, *S) -> (B, N, C, *S)."""
+    return t.unflatten(1, (B, -1)).movedim(1, 0)
+
+
+def _fold_channels(t: Optional[Tensor], bdim, B: int) -> Optional[Tensor]:
+    """A per-channel vector of every slice as one [B*C] vector, in _fold_input's order."""
+    if t is None:
+        return None
+    return t.repeat(B) if bdim is None else t.movedim(bdim, 0).reshape(-1)
+
+
+def _copy_unless_same(src: Tensor, dst: Tensor) -> None:
+    if src.data_ptr() != dst.data_ptr() or src.stride() != dst.stride():
+        dst.copy_(src)
+
+
+def _shared_input_train(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                        momentum, eps, relu, residual, w_d, b_d, z_d):
+    """Training under vmap with one input and one set of running statistics (or none) for
+    every slice (an ensemble: batched weight, bias or residual): normalise once, updating
+    the running statistics once, then the slices' affine, residual and ReLU with torch
+    operations in fp32. Returns vmap's (outputs, out_dims)."""
+    xhat, mean, invstd = FuncTrain.apply(input, None, None, running_mean, running_var,
+                                         num_batches_tracked, momentum, eps, False, None)
+    trailing = [1] * (input.dim() - 2)
+
+    def per_channel(t, d):  # broadcast against (B, N, C, *S), or (N, C, *S) when unbatched
+        if d is None:
+            return t.float().view(-1, *trailing)
+        return t.float().movedim(d, 0).reshape(t.shape[d], 1, -1, *trailing)
+
+    out = xhat.float()
+    out = out if weight is None else out * per_channel(weight, w_d)
+    out = out if bias is None else out + per_channel(bias, b_d)
+    out = out if residual is None else out + (
+        residual.float() if z_d is None else residual.float().movedim(z_d, 0))
+    out = (torch.relu(out) if relu else out).to(input.dtype)
+    return (out, mean, invstd), (0 if out.dim() > input.dim() else None, None, None)
