@@ -233,6 +233,21 @@ def test_fuse_relu_traced_fuses_residual_adds():
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_fuse_relu_traced_sync_batch_norm():
+    """SyncBatchNorm layers take their ReLU and the residual too (the sync path has the same
+    epilogues, tests/ops/test_sync_batch_norm.py); in a single process they are a
+    BatchNorm, so the fused graph computes what the torch model does."""
+    torch_model = _Bottleneck().to(DEVICE)
+    model = tritonbn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(torch_model))
+    gm = tritonbn.fuse_relu_traced(model)
+    calls = {n.target: len(n.args) for n in gm.graph.nodes if n.op == "call_module"}
+    assert type(gm.bn3) is tritonbn.SyncBatchNorm and calls["bn3"] == 2
+    assert gm.bn1.fused_relu and gm.bn3.fused_relu
+    assert not gm.get_submodule("downsample.1").fused_relu
+    x = make_tensor((2, 6, 4, 5))
+    torch.testing.assert_close(gm(x), torch_model(x), rtol=1e-4, atol=1e-4)
+
+
 def test_fuse_relu_traced_add_off():
     """``add=False``: only BatchNorm -> ReLU pairs, as before the residual fusion."""
     gm = tritonbn.fuse_relu_traced(_Bottleneck().to(DEVICE), add=False)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .modules import (_FUSABLE, BatchNorm1d, BatchNorm2d, BatchNorm3d, _TritonBatchNorm,
-                      _take_relu, convert_model)
+from .modules import (_FUSABLE, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm,
+                      _TritonBatchNorm, _take_relu, convert_model)
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
@@ -21,7 +21,7 @@ _ADD_FUNCTIONS = (operator.add, torch.add)
 _INPLACE_ADDS = ((operator.iadd, "call_function"), ("add_", "call_method"))
 # Layers whose forward takes a residual. Not the lazy ones: their first call hands every
 # argument to initialize_parameters, which takes the input alone.
-_TAKES_RESIDUAL = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
+_TAKES_RESIDUAL = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)
 
 
 def _is_relu(node: fx.Node, modules: dict) -> bool:

@@ -27,16 +27,22 @@ class _TritonBatchNorm:
     fused_relu = False
 
     def forward(self, input: Tensor, residual=None) -> Tensor:
-        if not runs_on_triton(input):
+        if not self._runs_on_kernels(input):
             output = super().forward(input)
         else:
             self._check_input_dim(input)
             if residual is None or residual_fits(input, residual):
-                return _batch_norm(input, *self._arguments(), relu=self.fused_relu,
-                                   residual=residual)
-            output = _batch_norm(input, *self._arguments())
+                return self._kernel_forward(input, self.fused_relu, residual)
+            output = self._kernel_forward(input, False, None)
         output = output if residual is None else output + residual
         return F.relu(output) if self.fused_relu else output
+
+    def _runs_on_kernels(self, input: Tensor) -> bool:
+        return runs_on_triton(input)
+
+    def _kernel_forward(self, input: Tensor, relu: bool, residual) -> Tensor:
+        """BatchNorm(input) [+ residual] [then ReLU], computed by the kernels."""
+        return _batch_norm(input, *self._arguments(), relu=relu, residual=residual)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", fused_relu=True" if self.fused_relu else "")
@@ -87,10 +93,11 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
     group of more than one process, statistics over the whole group's batch
     (ops/sync_batch_norm.py); otherwise a BatchNorm, as torch's."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        if not runs_on_triton(input) or _traced():
-            return nn.SyncBatchNorm.forward(self, input)
-        self._check_input_dim(input)
+    def _runs_on_kernels(self, input: Tensor) -> bool:
+        # under torch.compile, torch's SyncBatchNorm code, whose collectives it traces
+        return runs_on_triton(input) and not _traced()
+
+    def _kernel_forward(self, input: Tensor, relu: bool, residual) -> Tensor:
         self._check_non_zero_input_channels(input)
         args = self._arguments()
         world_size = 1
@@ -98,11 +105,11 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
             group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(group)
         if world_size == 1:
-            return _batch_norm(input, *args)
+            return _batch_norm(input, *args, relu=relu, residual=residual)
         running_mean, running_var, weight, bias, _, momentum, eps, nbt = args
         _check_tensors(input, running_mean, running_var, weight, bias)
         return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, nbt,
-                                           momentum, eps, group, world_size)
+                                           momentum, eps, group, world_size, relu, residual)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
@@ -129,14 +136,14 @@ class LazyBatchNorm3d(nn.LazyBatchNorm3d):
     cls_to_become = BatchNorm3d
 
 
-# Layers that can carry a fused ReLU (SyncBatchNorm's sync path has no ReLU flag).
-_FUSABLE = (BatchNorm1d, BatchNorm2d, BatchNorm3d, LazyBatchNorm1d, LazyBatchNorm2d,
-            LazyBatchNorm3d)
+# Layers that can carry a fused ReLU.
+_FUSABLE = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, LazyBatchNorm1d,
+            LazyBatchNorm2d, LazyBatchNorm3d)
 
 
 def _take_relu(bn: nn.Module) -> bool:
-    """Give ``bn`` the ReLU that follows it when it can carry one (a non-sync tritonbn
-    BatchNorm, lazy ones included, without one yet); True when it took it. Shared by
+    """Give ``bn`` the ReLU that follows it when it can carry one (a tritonbn BatchNorm,
+    lazy and sync ones included, without one yet); True when it took it. Shared by
     convert_model(fuse_relu=True) and fx.fuse_relu_traced."""
     if type(bn) in _FUSABLE and not getattr(bn, "fused_relu", False):
         bn.fused_relu = True

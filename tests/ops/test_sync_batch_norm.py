@@ -34,6 +34,11 @@ CASES = {
     # BatchNorm1d-style (N, C) input, as in the projection heads of contrastive learning
     "fp16_2d_2ranks": dict(rows=[6, 9], sample=(24,), dtype=torch.float16,
                            channels_last=False, momentum=0.1),
+    # a ResNet block's end, relu(bn(x) + z), from the same kernels (the mask in both
+    # backward launches, the residual's gradient written by the first)
+    "fp32_cl_2ranks_add_relu": dict(rows=[3, 4], sample=(4, 5, 6), dtype=torch.float32,
+                                    channels_last=True, momentum=0.1, residual=True,
+                                    relu=True),
 }
 
 
@@ -43,7 +48,7 @@ def _run_ranks(tmp_path, case: dict) -> list[dict]:
     # mean far from 0 (the statistics must be shifted / merged stably), dy not centred
     data = dict(case, x=torch.randn(shape) * 2 + 5, dy=torch.randn(shape) + 0.5,
                 weight=weight, bias=bias, init=f"file://{tmp_path}/rendezvous",
-                out=str(tmp_path))
+                out=str(tmp_path), z=torch.randn(shape) if case.get("residual") else None)
     case_file = str(tmp_path / "case.pt")
     torch.save(data, case_file)
     env = dict(os.environ, PYTHONPATH=REPO, TRITON_INTERPRET="1")
@@ -61,9 +66,16 @@ def _reduced_dims(x):
 
 
 def _reference(data):
-    """float64 BatchNorm on the whole batch, two training steps then eval."""
+    """float64 BatchNorm [+ residual] [then ReLU] on the whole batch, two training steps
+    then eval."""
     x = data["x"].to(data["dtype"]).double().requires_grad_()
     dy = data["dy"].to(data["dtype"]).double()
+    z = None if data["z"] is None else data["z"].to(data["dtype"]).double().requires_grad_()
+
+    def epilogue(y):
+        y = y if z is None else y + z
+        return F.relu(y) if data.get("relu") else y
+
     w = data["weight"].double().requires_grad_()
     b = data["bias"].double().requires_grad_()
     C = x.shape[1]
@@ -71,34 +83,42 @@ def _reference(data):
     steps = []
     for step in (1, 2):
         momentum = 1.0 / step if data["momentum"] is None else data["momentum"]
-        y = F.batch_norm(x, rm, rv, w, b, True, momentum, 1e-5)
-        gx, = torch.autograd.grad((y * dy).sum(), x)
+        y = epilogue(F.batch_norm(x, rm, rv, w, b, True, momentum, 1e-5))
+        gx, *gz = torch.autograd.grad((y * dy).sum(), [x] + ([] if z is None else [z]))
         x64, dims = x.detach(), _reduced_dims(x)
         invstd = torch.rsqrt(x64.var(dims, unbiased=False, keepdim=True) + 1e-5)
         xhat = (x64 - x64.mean(dims, keepdim=True)) * invstd
-        steps.append(dict(output=y.detach(), grad_input=gx, xhat=xhat, invstd=invstd))
-    evaluated = F.batch_norm(x.detach(), rm, rv, w.detach(), b.detach(), False, 0.0, 1e-5)
-    return steps, rm, rv, evaluated, dy
+        # the gradient that reaches BatchNorm's output: dy, masked by the ReLU
+        dy_bn = dy * (y.detach() > 0) if data.get("relu") else dy
+        steps.append(dict(output=y.detach(), grad_input=gx, xhat=xhat, invstd=invstd,
+                          dy=dy_bn, grad_residual=gz[0] if gz else None))
+    with torch.no_grad():
+        evaluated = epilogue(F.batch_norm(x, rm, rv, w, b, False, 0.0, 1e-5))
+    return steps, rm, rv, evaluated
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_ranks_together_equal_one_batch_norm(tmp_path, name):
     data, ranks = _run_ranks(tmp_path, CASES[name])
-    steps, rm, rv, evaluated, dy = _reference(data)
+    steps, rm, rv, evaluated = _reference(data)
     rows = data["rows"]
     bounds = [sum(rows[:r]) for r in range(len(rows) + 1)]
-    dims = _reduced_dims(dy)
-    channel = (1, -1) + (1,) * (dy.dim() - 2)
+    dims = _reduced_dims(data["x"])
+    channel = (1, -1) + (1,) * (data["x"].dim() - 2)
     w = data["weight"].double().view(channel).abs()
     b = data["bias"].double().view(channel).abs()
+    if data["z"] is not None:
+        b = b + data["z"].to(data["dtype"]).double().abs()
     for s, ref in enumerate(steps):
-        xhat = ref["xhat"]
+        xhat, dy = ref["xhat"], ref["dy"]
         # magnitudes of the terms: |xhat w| + |b| for y; for dx = w invstd (dy - mean(dy)
         # - xhat mean(dy xhat)), w invstd (|dy| + |mean(dy)| + |xhat| |mean(dy xhat)|)
         scales = dict(output=xhat.abs() * w + b,
                       grad_input=w * ref["invstd"] * (
                           dy.abs() + dy.mean(dims, keepdim=True).abs()
                           + xhat.abs() * (dy * xhat).mean(dims, keepdim=True).abs()))
+        if ref["grad_residual"] is not None:  # the masked dy, written by the kernel
+            scales["grad_residual"] = dy.abs()
         for key, scale in scales.items():
             got = torch.cat([rank["steps"][s][key] for rank in ranks])
             assert_close_to_reference(f"step {s} {key}", got, ref[key], scale)
@@ -127,10 +147,13 @@ def test_ranks_together_equal_one_batch_norm(tmp_path, name):
 
 def test_single_process_is_a_batch_norm(device):
     """No process group: tritonbn.SyncBatchNorm computes what tritonbn.BatchNorm2d does
-    (torch's SyncBatchNorm falls back to F.batch_norm the same way)."""
-    x = torch.randn(4, 3, 5, 5, device=device)
+    (torch's SyncBatchNorm falls back to F.batch_norm the same way), with the fused ReLU
+    and a residual too."""
+    x, z = torch.randn(4, 3, 5, 5, device=device), torch.randn(4, 3, 5, 5, device=device)
     sync, plain = tritonbn.SyncBatchNorm(3, device=device), tritonbn.BatchNorm2d(3, device=device)
     assert torch.equal(sync(x), plain(x))
+    sync.fused_relu = plain.fused_relu = True
+    assert torch.equal(sync(x, z), plain(x, z))
     assert torch.equal(sync.running_var, plain.running_var)
 
 

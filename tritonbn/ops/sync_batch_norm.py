@@ -8,10 +8,14 @@ Forward, per rank r with n_r values per channel (r's N * L):
     var = sum n_r (var_r + (mean_r - mean)^2) / n          (Chan's merge, float64, [C])
     invstd = 1 / sqrt(var + eps); running stats from (mean, var * n / (n - 1))
     y = (x - mean) * invstd * weight + bias             bn_apply_kernel, 1 launch
+    [y + residual] [then max(., 0)]: the epilogues of ops/batch_norm.py, same kernel
 Backward:
     local  sum(dy), sum(dy * xhat)     bn_grad_stats_kernel, 1 launch
     all_reduce (sum) of both, then  dx = (dy - k1 - (x - mean) * k2) * weight * invstd,
     k1 = sum(dy) / n, k2 = sum(dy * xhat) * invstd / n   bn_apply_kernel, 1 launch
+    With ReLU, dy is masked where the output is 0 in both launches (the mask recomputed
+    from x, weight, bias [and the residual]); with a residual too, the statistics launch
+    writes the masked dy, which is the residual's gradient and what the second launch reads.
 grad_weight and grad_bias are the local sums, as torch's: data parallelism (DDP) reduces
 parameter gradients itself. A rank with an empty batch still joins both collectives.
 No host synchronisation: counts, the cumulative-average factor and the "empty group" case
@@ -72,7 +76,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, group, world_size):
+                momentum, eps, group, world_size, relu=False, residual=None):
         n, mean64, var64 = _global_stats(input, group, world_size)
         if running_mean is not None:
             _update_running(running_mean, running_var, num_batches_tracked, momentum, n,
@@ -82,10 +86,13 @@ class SyncBatchNormFunction(torch.autograd.Function):
         output = torch.empty_like(input)
         if input.numel() != 0:
             launch_apply(input, None, output, mean, invstd, weight, bias, None, eps,
-                         stat_is_var=False, backward=False)
-        ctx.save_for_backward(input, weight, mean, invstd, n)
-        ctx.group, ctx.eps = group, eps
+                         stat_is_var=False, backward=False, relu=relu, residual=residual)
+        # bias and the residual only matter to the backward through ReLU's recomputed mask
+        ctx.save_for_backward(input, weight, mean, invstd, n, bias if relu else None,
+                              residual if relu else None)
+        ctx.group, ctx.eps, ctx.relu = group, eps, relu
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.has_residual = residual is not None
         return output
 
     @staticmethod
@@ -95,14 +102,19 @@ class SyncBatchNormFunction(torch.autograd.Function):
             # silently be zero (torch's SyncBatchNorm raises at the second backward).
             raise RuntimeError("tritonbn.SyncBatchNorm does not support double backward "
                                "(backward with create_graph=True)")
-        input, weight, mean, invstd, n = ctx.saved_tensors
+        input, weight, mean, invstd, n, bias, residual = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        relu = ctx.relu
         C = input.shape[1]
+        # with ReLU and a residual: the masked dy, the residual's gradient (see the docstring)
+        masked = torch.empty_like(residual) if residual is not None else None
         # fp32 [2, C]: local sum(dy) and sum(dy * xhat)
         sums = torch.zeros((2, C), dtype=torch.float32, device=input.device)
         if input.numel() != 0:
             launch_grad_stats(input, grad_output, mean, invstd, ctx.eps, stat_is_var=False,
-                              grad_weight=sums[1], grad_bias=sums[0], want_coef=False)
+                              grad_weight=sums[1], grad_bias=sums[0], want_coef=False,
+                              relu=relu, weight=weight if relu else None, bias=bias,
+                              residual=residual, grad_residual=masked)
         grad_input = grad_weight = grad_bias = None
         if weight is not None and need_weight:
             grad_weight = sums[1].to(weight.dtype)
@@ -115,6 +127,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
             if input.numel() != 0:
                 inv_n = 1.0 / n.float()
                 coef = torch.stack((total[0] * inv_n, total[1] * invstd * inv_n))
-                launch_apply(input, grad_output, grad_input, mean, invstd, weight, None, coef,
-                             ctx.eps, stat_is_var=False, backward=True)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+                launch_apply(input, grad_output if masked is None else masked, grad_input,
+                             mean, invstd, weight, bias, coef, ctx.eps, stat_is_var=False,
+                             backward=True, relu=relu and masked is None)
+        grad_residual = None
+        if ctx.has_residual:  # y + residual: dy itself, or with ReLU the masked dy
+            grad_residual = grad_output if masked is None else masked
+        return (grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None,
+                None, grad_residual)
