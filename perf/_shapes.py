@@ -144,14 +144,11 @@ def gpu_cases(quick: bool = False, autotune: str = "subset", compile_: bool = Tr
             cases.append(Case("small_c", f"C={shape[1]} L={shape[2] * shape[3]}", shape,
                               layout, "bf16"))
     cases.append(Case("small_c", "C=4 L=65536", (32, 4, 65536), "NCL", "bf16"))
-    relu = RELU_PROVIDERS if compile_ else RELU_PROVIDERS[:2]
-    cases += [replace(c, family=c.family + "+relu")
-              for c in resnet50_cases(256, "bf16", layers=("l1.b", "l3.b"), layouts=("NHWC",),
-                                      providers=relu)]
-    add_relu = ADD_RELU_PROVIDERS if compile_ else ADD_RELU_PROVIDERS[:2]
-    cases += [replace(c, family=c.family + "+add_relu")
-              for c in resnet50_cases(256, "bf16", layers=("l1.b", "l3.b"), layouts=("NHWC",),
-                                      providers=add_relu)]
+    for group, suffix in ((RELU_PROVIDERS, "+relu"), (ADD_RELU_PROVIDERS, "+add_relu")):
+        providers = group if compile_ else group[:2]  # [2]: the torch.compile one
+        cases += [replace(c, family=c.family + suffix)
+                  for c in resnet50_cases(256, "bf16", layers=("l1.b", "l3.b"),
+                                          layouts=("NHWC",), providers=providers)]
     if autotune == "subset":
         cases += resnet50_cases(256, "bf16", layers=("l1.b",), providers=("tritonbn_tuned",))
     elif autotune == "all":

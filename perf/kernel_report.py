@@ -28,7 +28,8 @@ analysis of the ptx: every address is traced back to the kernel parameter it der
 
 Rows named "variant:..." compile the other constexpr branches once each (FLAG_VARIANTS:
 eval mode, absent weight/bias/outputs, momentum=None, int64 offsets, no unit-stride axis,
-the variance output of SyncBatchNorm's local statistics, the fused ReLU),
+the variance output of SyncBatchNorm's local statistics, the fused ReLU, the fused
+residual),
 in quick mode too: a branch the tests only ever interpret must still compile for a GPU.
 
 WAVES (the split factor of the reductions) is a host-side knob: it is not used in the

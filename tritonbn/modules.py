@@ -168,9 +168,10 @@ def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
     training flag and hooks. Only exact torch classes are converted: a user subclass may
     override forward and is left alone.
 
-    ``fuse_relu``: where an ``nn.Sequential`` runs a (non-sync) BatchNorm and then an
-    ``nn.ReLU``, the BatchNorm also applies the ReLU (``fused_relu``) and the ReLU is
-    replaced by ``nn.Identity``: one kernel instead of two, forward and backward. Only
+    ``fuse_relu``: where an ``nn.Sequential`` runs a tritonbn BatchNorm (sync and lazy
+    ones included) and then an ``nn.ReLU``, the BatchNorm also applies the ReLU
+    (``fused_relu``) and the ReLU is replaced by ``nn.Identity``: one kernel instead of
+    two, forward and backward. Only
     Sequential containers are searched: a ReLU called from a ``forward`` method cannot be
     seen from here. Hooks on the replaced ReLU go with it, and forward hooks on the
     BatchNorm then see its ReLU'd output."""

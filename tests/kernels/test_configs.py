@@ -297,8 +297,7 @@ def test_fused_every_config(cfg, device, forced_config):
             else:
                 m_in, s_in, inv = rm0, rv0, _bc(1 / torch.sqrt(rv0.double() + EPS), x)
             launch.launch_fused_backward(x, dy, gx, make_geometry(x, dy, gx), m_in, s_in, w,
-                                         EPS,
-                                         stat_is_var=not batch_stats, grad_weight=gw,
+                                         EPS, stat_is_var=not batch_stats, grad_weight=gw,
                                          grad_bias=gb)
             d = _dims(x)
             xmu = xd - _bc(m_in.double(), x)

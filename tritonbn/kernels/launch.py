@@ -360,6 +360,17 @@ def launch_apply(x, dy, out, mean, stat, weight, bias, coef, eps, *, stat_is_var
     return out
 
 
+def launch_grad_input(x, dy, masked_dy, grad_input, mean, stat, weight, bias, coef, eps, *,
+                      stat_is_var, relu):
+    """The backward's grad_input pass of the split path (launch_apply, backward). It reads
+    ``masked_dy`` when launch_grad_stats wrote one (ReLU with a residual: the mask is
+    already applied), else ``dy``, masked here with ReLU's mask recomputed from x, weight
+    and ``bias``."""
+    return launch_apply(x, dy if masked_dy is None else masked_dy, grad_input, mean, stat,
+                        weight, bias, coef, eps, stat_is_var=stat_is_var, backward=True,
+                        relu=relu and masked_dy is None)
+
+
 def launch_grad_stats(x, dy, mean, stat, eps, *, stat_is_var, grad_weight, grad_bias, want_coef,
                       relu=False, weight=None, bias=None, residual=None, grad_residual=None):
     """Writes grad_weight / grad_bias (when given) and returns the fp32 [2, C] (k1, k2)

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from ..kernels.geometry import make_geometry
 from ..kernels.launch import (backward_geometry, forward_geometry, launch_apply,
-                              launch_fused_backward, launch_fused_forward, launch_grad_stats,
-                              launch_stats, use_fused)
+                              launch_fused_backward, launch_fused_forward, launch_grad_input,
+                              launch_grad_stats, launch_stats, use_fused)
 
 # The kernels take any strides and write outputs in the input's layout (empty_like), and
 # the fake implementations say so. ``flexible_layout`` lets Inductor hand the ops the layout
@@ -174,10 +174,8 @@ def backward_impl(
             weight=weight if relu else None, bias=bias, residual=residual,
             grad_residual=grad_residual)
     if want_input:
-        masked = residual is not None
-        launch_apply(input, grad_residual if masked else grad_output, grad_input, mean, stat,
-                     weight, bias, coef, eps, stat_is_var=not batch_stats, backward=True,
-                     relu=relu and not masked)
+        launch_grad_input(input, grad_output, grad_residual, grad_input, mean, stat, weight,
+                          bias, coef, eps, stat_is_var=not batch_stats, relu=relu)
     return grads
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.geometry import make_geometry
-from ..kernels.launch import launch_apply, launch_grad_stats, launch_stats
+from ..kernels.launch import launch_apply, launch_grad_input, launch_grad_stats, launch_stats
 
 
 def _all_gather(local: torch.Tensor, group, world_size: int) -> torch.Tensor:
@@ -127,9 +127,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
             if input.numel() != 0:
                 inv_n = 1.0 / n.float()
                 coef = torch.stack((total[0] * inv_n, total[1] * invstd * inv_n))
-                launch_apply(input, grad_output if masked is None else masked, grad_input,
-                             mean, invstd, weight, bias, coef, ctx.eps, stat_is_var=False,
-                             backward=True, relu=relu and masked is None)
+                launch_grad_input(input, grad_output, masked, grad_input, mean, invstd,
+                                  weight, bias, coef, ctx.eps, stat_is_var=False, relu=relu)
         grad_residual = None
         if ctx.has_residual:  # y + residual: dy itself, or with ReLU the masked dy
             grad_residual = grad_output if masked is None else masked
