@@ -5,11 +5,16 @@
 # tests fail; exit codes go to $OUT/exit_codes.txt, logs to $OUT/*.log, and the report
 # folder (perf/results/<gpu name>/) to $OUT/<gpu name>.tar.gz (the device tool brings back
 # at most 8 files, so the folder travels as one archive).
-#   OUT=/some/dir bash perf/gpu_run.sh [extra perf/report.py options, e.g. --budget-s 240]
-# Time limits (seconds): TEST_TIMEOUT_S (default 300), REPORT_TIMEOUT_S (default 360; the
-# report's own --budget-s default is 300 and it writes what it has if stopped).
+#   OUT=/some/dir bash perf/gpu_run.sh [extra perf/report.py options, e.g. --quick]
+# Time: the whole script ends within TOTAL_S seconds (default 540, for the device tool's
+# 600 s limit per command: a command killed at that limit would lose the archive made at
+# the end). The tests get at most TEST_TIMEOUT_S (default 240); the report gets what is
+# left less ARCHIVE_S (default 25) as its --budget-s, and it writes what it has if stopped.
 set -u
 cd "$(dirname "$0")/.."
+START_S=$SECONDS
+TOTAL_S="${TOTAL_S:-540}"
+ARCHIVE_S="${ARCHIVE_S:-25}"
 OUT="${OUT:-perf/results}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -28,7 +33,7 @@ echo "== pytest, 5 shards in parallel ($(date -Is))" | tee -a "$OUT/gpu_run.log"
 # The every-config tests compile ~300 kernels per kernel path: they get shards of their own.
 run_shard() {  # name, pytest arguments...
   local name=$1; shift
-  timeout -k 15 "${TEST_TIMEOUT_S:-300}" "$PY" -m pytest -q "$@" > "$OUT/pytest_$name.log" 2>&1
+  timeout -k 15 "${TEST_TIMEOUT_S:-240}" "$PY" -m pytest -q "$@" > "$OUT/pytest_$name.log" 2>&1
   echo $? > "$OUT/.rc_$name"
 }
 run_shard kernels tests/kernels -k "not fused_every_config" &
@@ -49,8 +54,12 @@ cat "$OUT"/pytest_*.log > "$OUT/pytest.log" && rm -f "$OUT"/pytest_*.log
 NAME=$("$PY" -c "import sys, torch; sys.path.insert(0, 'perf'); import report; print(report._sanitize(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo unknown_gpu)
 REPORT_DIR="perf/results/$NAME"
 [ "$NAME" = cpu ] && REPORT_DIR="$OUT/cpu_mode"  # no GPU after all: leave perf/results/cpu alone
-echo "== perf/report.py -> $REPORT_DIR ($(date -Is))" | tee -a "$OUT/gpu_run.log"
-timeout -k 20 "${REPORT_TIMEOUT_S:-360}" "$PY" perf/report.py --out "$REPORT_DIR" "$@" 2>&1 | tee "$OUT/report.log"
+# The report's own budget keeps 20 s for its outputs; `timeout` is the backstop.
+BUDGET_S=$(( TOTAL_S - (SECONDS - START_S) - ARCHIVE_S ))
+[ "$BUDGET_S" -ge 60 ] || BUDGET_S=60
+echo "== perf/report.py -> $REPORT_DIR, --budget-s $BUDGET_S ($(date -Is))" | tee -a "$OUT/gpu_run.log"
+timeout -k 5 "$(( BUDGET_S + 10 ))" "$PY" perf/report.py --out "$REPORT_DIR" --budget-s "$BUDGET_S" "$@" \
+  2>&1 | tee "$OUT/report.log"
 REPORT_RC=${PIPESTATUS[0]}
 echo "== report exit code $REPORT_RC ($(date -Is))" | tee -a "$OUT/gpu_run.log"
 
