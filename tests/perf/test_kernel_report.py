@@ -18,6 +18,7 @@ PERF = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
 if PERF not in sys.path:
     sys.path.insert(0, PERF)
 kernel_report = importlib.import_module("kernel_report")
+ptx = importlib.import_module("_ptx")
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +135,8 @@ $L__BB0_1:
 def test_ptx_taint_analysis():
     """Bulk accesses are the ones whose address derives from a big tensor's pointer, also
     through loop-carried registers; the rest (here k_param_1's) are per-channel."""
-    res = kernel_report.analyse_ptx(PTX, ["x_ptr", "w_ptr", "n"], {"x_ptr", "w_ptr"},
-                                    bulk_loads=("x_ptr",), bulk_stores=("w_ptr",))
+    res = ptx.analyse_ptx(PTX, ["x_ptr", "w_ptr", "n"], {"x_ptr", "w_ptr"},
+                          bulk_loads=("x_ptr",), bulk_stores=("w_ptr",))
     assert res["n_bulk_loads"] == 2
     # x's main (widest) load is 128-bit; its extra scalar load does not decide load_bits.
     assert res["load_bits"] == 128 and res["load_bits_max"] == 128
