@@ -184,6 +184,19 @@ def test_vmap_unbatched_running_statistics_raise_like_torch():
             torch.func.vmap(lambda x: fn(x, rm, rv, None, None, True))(x)
 
 
+def test_vmap_batched_num_batches_tracked_raises_like_torch():
+    """momentum=None in an ensemble of layers (stack_module_state batches
+    num_batches_tracked): torch's layer raises RuntimeError (it turns the batched counter
+    into a Python number), and so does tritonbn's, rather than one slice's count for all."""
+    x = make_tensor((B, *SHAPE))
+    for cls in (torch.nn.BatchNorm2d, tritonbn.BatchNorm2d):
+        layers = [cls(SHAPE[1], momentum=None, device=x.device) for _ in range(B)]
+        params, buffers = torch.func.stack_module_state(layers)
+        with pytest.raises(RuntimeError, match=r"\.item\(\)"):
+            torch.func.vmap(lambda p, bufs, x: functional_call(layers[0], (p, bufs), (x,)))(
+                params, buffers, x)
+
+
 def test_vmap_of_grad_and_grad_of_vmap():
     """Per-slice gradients (vmap of grad) and the gradient of a vmapped loss (grad of vmap),
     against torch's BatchNorm in float64 under the same transforms."""

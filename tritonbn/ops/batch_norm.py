@@ -382,8 +382,7 @@ class FuncTrain(EagerTrain):
         B, (x_d, w_d, b_d, rm_d, rv_d, nbt_d) = info.batch_size, in_dims[:6]
         z_d = _dim(in_dims, 9)
         if nbt_d is not None:
-            raise NotImplementedError("tritonbn under vmap: num_batches_tracked batched "
-                                      "(momentum=None with per-slice buffers)")
+            raise RuntimeError(_BATCHED_NUM_BATCHES_TRACKED)
         if x_d is None and rm_d is None and rv_d is None:
             return _shared_input_train(input, weight, bias, running_mean, running_var,
                                        num_batches_tracked, momentum, eps, relu, residual,
@@ -408,6 +407,10 @@ class FuncTrain(EagerTrain):
 # (N, B*C, *S) input, so one launch computes every slice. The fold copies the input where
 # its strides cannot express it (under vmap only: plain calls never copy).
 
+_BATCHED_NUM_BATCHES_TRACKED = (  # torch raises a RuntimeError here too (vmap over .item())
+    "vmap: momentum=None with a batched num_batches_tracked (per-slice buffers): the "
+    "cumulative average's factor 1 / num_batches_tracked is a Python number in torch's "
+    "BatchNorm, and vmap does not support calling .item() on a batched tensor.")
 _UNBATCHED_RUNNING_STATS = (  # torch's words for the same case
     "Batch norm got a batched tensor as input while the running_mean or running_var, which "
     "will be updated in place, were not batched.")
