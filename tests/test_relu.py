@@ -82,6 +82,36 @@ def test_double_backward_with_relu(training):
         assert_within_largest(g, r, i)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_relu_passes_nothing_where_the_pre_activation_is_zero(training):
+    """relu'(0) = 0, as in torch (threshold_backward passes dy only where the output is
+    positive). Channel 1 holds one value and has bias 0, so its pre-activation is exactly 0
+    (in eval the value is its running mean): its output and every gradient through the
+    recomputed mask must be exactly 0, where a mask of y >= 0 would pass dy * w / sqrt(eps).
+    torch is no reference on that channel (its CPU kernel computes x * alpha + beta, which
+    can land an ulp off 0); the other channels are compared with it in float64."""
+    x, dy = make_tensor(SHAPE), make_tensor(SHAPE)
+    w, b, rm, rv = make_params(SHAPE[1])
+    x[:, 1], b[1], rm[1] = 2.5, 0.0, 2.5
+
+    def run(fn, cast):
+        leaves = [cast(t).requires_grad_() for t in (x, w, b)]
+        y = fn(leaves[0], cast(rm), cast(rv), *leaves[1:], training)
+        return [y.detach(), *torch.autograd.grad(y, leaves, cast(dy))]
+
+    got = run(lambda *a: tritonbn.batch_norm(*a, relu=True), lambda t: t.clone())
+    ref = run(lambda *a: F.relu(F.batch_norm(*a)), lambda t: t.double())
+    others = [0, *range(2, SHAPE[1])]
+    for name, g, r in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
+        zero_channel = g[:, 1] if g.dim() > 1 else g[1]
+        assert torch.count_nonzero(zero_channel) == 0, (name, zero_channel.abs().max())
+        if g.dim() > 1:
+            g, r = g[:, others], r[:, others]
+        else:
+            g, r = g[others], r[others]
+        assert_within_largest(g, r, name)
+
+
 def test_relu_costs_no_launch(kernel_launches, kernel_path):
     """The ReLU rides in the BatchNorm kernels: the same launches as without it."""
     x = make_tensor(SHAPE).requires_grad_()

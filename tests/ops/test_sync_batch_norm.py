@@ -12,6 +12,7 @@ is a BatchNorm.
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -31,6 +32,11 @@ CASES = {
     # rank with an empty batch, which must still join the collectives
     "bf16_cl_3ranks_one_empty": dict(rows=[4, 0, 3], sample=(4, 5, 6), dtype=torch.bfloat16,
                                      channels_last=True, momentum=None),
+    # every rank's batch empty: the collectives still run, num_batches_tracked counts the
+    # step (as torch's layer counts an empty batch), and the running statistics are left
+    # alone (no batch variance exists to average in)
+    "fp32_2ranks_all_empty": dict(rows=[0, 0], sample=(4, 5, 6), dtype=torch.float32,
+                                  channels_last=False, momentum=None),
     # BatchNorm1d-style (N, C) input, as in the projection heads of contrastive learning
     "fp16_2d_2ranks": dict(rows=[6, 9], sample=(24,), dtype=torch.float16,
                            channels_last=False, momentum=0.1),
@@ -86,7 +92,9 @@ def _reference(data):
         y = epilogue(F.batch_norm(x, rm, rv, w, b, True, momentum, 1e-5))
         gx, *gz = torch.autograd.grad((y * dy).sum(), [x] + ([] if z is None else [z]))
         x64, dims = x.detach(), _reduced_dims(x)
-        invstd = torch.rsqrt(x64.var(dims, unbiased=False, keepdim=True) + 1e-5)
+        with warnings.catch_warnings():  # an all-empty batch: NaN statistics, unused
+            warnings.simplefilter("ignore", UserWarning)
+            invstd = torch.rsqrt(x64.var(dims, unbiased=False, keepdim=True) + 1e-5)
         xhat = (x64 - x64.mean(dims, keepdim=True)) * invstd
         # the gradient that reaches BatchNorm's output: dy, masked by the ReLU
         dy_bn = dy * (y.detach() > 0) if data.get("relu") else dy
