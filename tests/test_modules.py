@@ -364,15 +364,22 @@ def test_state_dict_interchangeable(dims):
     (nn.LazyBatchNorm1d, (4, 3, 5), tritonbn.BatchNorm1d),
     (nn.LazyBatchNorm2d, (4, 3, 5, 6), tritonbn.BatchNorm2d),
     (nn.LazyBatchNorm3d, (2, 3, 2, 3, 4), tritonbn.BatchNorm3d)], ids=["1d", "2d", "3d"])
-def test_convert_lazy_batch_norm(lazy_cls, shape, becomes):
+@pytest.mark.parametrize("fuse_relu", [False, True], ids=["plain", "fused_relu"])
+def test_convert_lazy_batch_norm(lazy_cls, shape, becomes, fuse_relu, kernel_launches):
     """A converted lazy layer becomes tritonbn's BatchNorm on its first input (torch's own
-    lazy class would become torch's BatchNorm, silently bypassing the kernels) and computes
-    what torch's lazy layer does."""
+    lazy class would become torch's BatchNorm, silently bypassing the kernels), runs the
+    kernels from that first call on, with the ReLU it took, and computes what torch's lazy
+    layer (then a ReLU) does."""
     x = make_tensor(shape)
-    ours, ref = (lazy_cls(momentum=None, device=DEVICE) for _ in range(2))
-    model = tritonbn.convert_model(nn.Sequential(ours))
+    ours, ref = (nn.Sequential(lazy_cls(momentum=None, device=DEVICE), nn.ReLU())
+                 for _ in range(2))
+    model = tritonbn.convert_model(ours, fuse_relu=fuse_relu)
     assert type(model[0]).__module__.startswith("tritonbn")
-    y, y_ref = model(x), ref(x)
-    assert type(model[0]) is becomes
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model[0].running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    for step in range(2):
+        kernel_launches.clear()
+        y, y_ref = model(x), ref(x)
+        assert type(model[0]) is becomes
+        assert kernel_launches, f"call {step + 1} did not run the kernels"
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model[0].running_var, ref[0].running_var, rtol=1e-5,
+                                   atol=1e-6)

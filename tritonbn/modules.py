@@ -117,20 +117,32 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
         return convert_model(nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group))
 
 
-class LazyBatchNorm1d(nn.LazyBatchNorm1d):
+class _LazyTritonBatchNorm:
+    """Mixin of the lazy layers: their first call runs the class they become."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        # nn.Module.__call__ binds forward before the pre-hook that sets num_features and
+        # switches the class to cls_to_become: without this the first call would run
+        # torch's BatchNorm, off the kernels and without a fused ReLU.
+        if isinstance(self, _TritonBatchNorm):
+            return type(self).forward(self, input)
+        return super().forward(input)  # not initialised yet: torch's error
+
+
+class LazyBatchNorm1d(_LazyTritonBatchNorm, nn.LazyBatchNorm1d):
     """:class:`torch.nn.LazyBatchNorm1d` that becomes a tritonbn.BatchNorm1d (not torch's)
     once its first input has set num_features."""
 
     cls_to_become = BatchNorm1d
 
 
-class LazyBatchNorm2d(nn.LazyBatchNorm2d):
+class LazyBatchNorm2d(_LazyTritonBatchNorm, nn.LazyBatchNorm2d):
     """:class:`torch.nn.LazyBatchNorm2d` that becomes a tritonbn.BatchNorm2d."""
 
     cls_to_become = BatchNorm2d
 
 
-class LazyBatchNorm3d(nn.LazyBatchNorm3d):
+class LazyBatchNorm3d(_LazyTritonBatchNorm, nn.LazyBatchNorm3d):
     """:class:`torch.nn.LazyBatchNorm3d` that becomes a tritonbn.BatchNorm3d."""
 
     cls_to_become = BatchNorm3d
