@@ -157,6 +157,18 @@ def _block():
                          nn.Flatten(2), nn.BatchNorm1d(6), nn.Sigmoid()).to(DEVICE)
 
 
+def test_convert_model_leaves_a_shared_batch_norm_alone():
+    """One BatchNorm layer in two places, followed by a ReLU in one only: giving it the
+    ReLU would apply it at the other place too, so convert_model leaves it unfused."""
+    bn = nn.BatchNorm2d(3)
+    torch_model = nn.Sequential(bn, nn.ReLU(), nn.Conv2d(3, 3, 1), bn).to(DEVICE)
+    model = tritonbn.convert_model(copy.deepcopy(torch_model), fuse_relu=True)
+    assert model[0] is model[3] and not model[0].fused_relu
+    assert type(model[1]) is nn.ReLU
+    x = make_tensor((2, 3, 4, 5))
+    torch.testing.assert_close(model(x), torch_model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_convert_model_fuses_relu_in_sequential():
     """fuse_relu: each BatchNorm -> ReLU pair of a Sequential becomes one layer (the ReLU an
     Identity); outputs, gradients and running statistics stay those of the torch model."""

@@ -3,6 +3,8 @@ classes (same constructor, parameters, buffers and state_dict) whose forward run
 Triton kernels, and ``convert_model`` to switch an existing model over in place."""
 from __future__ import annotations
 
+import collections
+
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -185,18 +187,24 @@ def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
     (``fused_relu``) and the ReLU is replaced by ``nn.Identity``: one kernel instead of
     two, forward and backward. Only
     Sequential containers are searched: a ReLU called from a ``forward`` method cannot be
-    seen from here. Hooks on the replaced ReLU go with it, and forward hooks on the
-    BatchNorm then see its ReLU'd output."""
+    seen from here. A BatchNorm that appears more than once in ``module`` (one layer
+    shared by two places) is left alone: its other use may not be followed by a ReLU.
+    Hooks on the replaced ReLU go with it, and forward hooks on the BatchNorm then see its
+    ReLU'd output."""
     for m in module.modules():
         replacement = _REPLACEMENTS.get(type(m))
         if replacement is not None:
             m.__class__ = replacement
     if fuse_relu:
+        places = collections.Counter(
+            id(m) for _, m in module.named_modules(remove_duplicate=False))
         for seq in module.modules():
             if not isinstance(seq, nn.Sequential):
                 continue
             names = list(seq._modules)
             for first, second in zip(names, names[1:]):
-                if type(seq._modules[second]) is nn.ReLU and _take_relu(seq._modules[first]):
+                bn = seq._modules[first]
+                if (type(seq._modules[second]) is nn.ReLU and places[id(bn)] == 1
+                        and _take_relu(bn)):
                     seq._modules[second] = nn.Identity()
     return module
