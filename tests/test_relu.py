@@ -112,6 +112,48 @@ def test_relu_passes_nothing_where_the_pre_activation_is_zero(training):
         assert_within_largest(g, r, name)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add_relu"])
+def test_relu_keeps_nan_as_torch(training, residual):
+    """A NaN in the input (a diverged batch) stays visible, as with torch's ReLU: relu(NaN)
+    is NaN (a plain maximum would return 0), and the backward zeroes dy only where
+    y <= 0, so a NaN pre-activation passes dy, as torch's threshold_backward does. NaNs
+    must sit where torch's are, in the output and every gradient, and the rest match."""
+    x, dy = make_tensor(SHAPE, mean=0.3), make_tensor(SHAPE)
+    w, b, rm, rv = make_params(SHAPE[1])
+    x[1, 2, 3, 4] = float("nan")
+    z = make_tensor(SHAPE) if residual else None
+
+    def run(fn, cast):
+        leaves = [cast(t).requires_grad_() for t in (x, w, b)]
+        extra = {} if z is None else dict(residual=cast(z))
+        y = fn(leaves[0], cast(rm), cast(rv), *leaves[1:], training, **extra)
+        return [y.detach(), *torch.autograd.grad(y, leaves, cast(dy))]
+
+    got = run(lambda *a, **k: tritonbn.batch_norm(*a, relu=True, **k), lambda t: t.clone())
+    ref = run(lambda *a, residual=None: F.relu(
+        F.batch_norm(*a) + (0 if residual is None else residual)), lambda t: t.double())
+    for name, g, r in zip(("output", "grad_input", "grad_weight", "grad_bias"), got, ref):
+        assert torch.equal(g.isnan(), r.isnan()), (name, g.isnan().sum(), r.isnan().sum())
+        finite = ~r.isnan()
+        assert_within_largest(g[finite], r[finite], name)
+
+
+def test_double_backward_with_relu_reaches_every_input():
+    """Second order through the ReLU: its mask is a constant, but the bias that moved it
+    is in the graph, as in torch (torch.autograd.grad gives it zeros instead of raising that
+    it was not used)."""
+    x, dy = make_tensor(SHAPE, mean=0.3), make_tensor(SHAPE)
+    w, b, _, _ = make_params(SHAPE[1])
+    for fn in (lambda *a: F.relu(F.batch_norm(*a)),
+               lambda *a: tritonbn.batch_norm(*a, relu=True)):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = fn(leaves[0], None, None, *leaves[1:], True)
+        (gx,) = torch.autograd.grad(y, leaves[0], dy, create_graph=True)
+        second = torch.autograd.grad(gx.pow(2).sum(), leaves)
+        assert torch.count_nonzero(second[2]) == 0
+
+
 def test_relu_costs_no_launch(kernel_launches, kernel_path):
     """The ReLU rides in the BatchNorm kernels: the same launches as without it."""
     x = make_tensor(SHAPE).requires_grad_()

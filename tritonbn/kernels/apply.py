@@ -7,7 +7,7 @@ of each input and one write of the output, in the output's own dtype and layout.
 (k1, k2 from grad_stats.py; weight = 1 and bias = 0 when absent.) With RESIDUAL the
 forward adds a residual z of the input's shape, y + z (the dy slot carries z). With RELU
 the forward writes max(y [+ z], 0), and the backward first zeroes dy where the
-pre-activation y, recomputed from x, is not positive: no mask tensor is stored or read.
+pre-activation y, recomputed from x, is <= 0: no mask tensor is stored or read.
 (The backward never sees a residual: with one, grad_stats.py writes the masked dy, which
 this pass then reads as its dy with RELU off.)
 
@@ -69,7 +69,8 @@ def bn_apply_kernel(
     if BACKWARD:
         if RELU:
             y = pre_activation(x - mean, scale, bias_ptr, c, c_mask, HAS_BIAS)
-            dy = tl.where(y > 0.0, dy, 0.0)
+            # torch's threshold_backward: dy is zeroed where y <= 0, so a NaN y passes it
+            dy = tl.where(y <= 0.0, 0.0, dy)
         if BATCH_STATS:
             k1 = tl.load(coef_ptr + c, mask=c_mask, other=0.0)[None, None, :]
             k2 = tl.load(coef_ptr + C + c, mask=c_mask, other=0.0)[None, None, :]
@@ -81,6 +82,7 @@ def bn_apply_kernel(
         if RESIDUAL:
             out += dy  # the residual z, in the dy slot
         if RELU:
-            out = tl.maximum(out, 0.0)
+            # NaN stays NaN, as in torch.relu (the default maximum returns 0)
+            out = tl.maximum(out, 0.0, propagate_nan=tl.PropagateNan.ALL)
     out_offs = tile_offsets(o0, o1, o2, i, c, so0, so1, so2, soi, soc, CONTIG, VEC)
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)

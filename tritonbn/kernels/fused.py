@@ -16,7 +16,7 @@ of times, in one launch:
     backward (eval, running statistics): as above with invstd = 1 / sqrt(running_var + eps)
         and dx = dy * weight * invstd; x is read only when grad_weight is wanted.
     RELU (BatchNorm followed by ReLU): the forward writes max(y, 0); the backward zeroes dy
-        where y, recomputed from x, is not positive, before anything else uses it.
+        where y, recomputed from x, is <= 0, before anything else uses it.
     RESIDUAL (y + z, z of the input's shape): the forward reads z and writes
         [max](y + z [, 0]); with RELU the backward reads z for the mask and writes the
         masked dy, the residual's gradient, to dz (without RELU dz = dy: nothing to do).
@@ -93,7 +93,8 @@ def bn_fused_kernel(
             y = pre_activation(xmu, scale, bias_ptr, c, c_mask, HAS_BIAS)
             if RESIDUAL:
                 y += z
-            dy = tl.where(y > 0.0, dy, 0.0)
+            # torch's threshold_backward: dy is zeroed where y <= 0, so a NaN y passes it
+            dy = tl.where(y <= 0.0, 0.0, dy)
             if RESIDUAL:
                 dz_offs = tile_offsets(o0, o1, o2, i, c, sdz0, sdz1, sdz2, sdzi, sdzc,
                                        CONTIG, VEC)
@@ -137,6 +138,7 @@ def bn_fused_kernel(
             if RESIDUAL:
                 out += z
             if RELU:
-                out = tl.maximum(out, 0.0)
+                # NaN stays NaN, as in torch.relu (the default maximum returns 0)
+                out = tl.maximum(out, 0.0, propagate_nan=tl.PropagateNan.ALL)
         out_offs = tile_offsets(o0, o1, o2, i, c, so0, so1, so2, soi, soc, CONTIG, VEC)
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)

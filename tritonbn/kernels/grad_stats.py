@@ -10,7 +10,7 @@ and, for grad_input in training mode (see apply.py),
 In eval mode (running statistics) mean/invstd come from running_mean/running_var and only
 grad_weight/grad_bias are produced here; dx = dy * weight * invstd needs no reduction.
 With RELU (BatchNorm followed by ReLU in one op) dy is first zeroed where the
-pre-activation (x - mean) * invstd * weight + bias is not positive, recomputed from x.
+pre-activation (x - mean) * invstd * weight + bias is <= 0, recomputed from x.
 With RESIDUAL as well (relu(BatchNorm(x) + z)) the pre-activation includes z, read here,
 and the masked dy, which is also the residual's gradient dz, is written out: the
 grad_input pass then reads dz as its dy instead of reading dy and z again.
@@ -127,7 +127,8 @@ def bn_grad_stats_kernel(
             if RESIDUAL:
                 z_offs = tile_offsets(o0, o1, o2, i, ci, sz0, sz1, sz2, szi, szc, CONTIG, VEC)
                 y += tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.where(y > 0.0, dy, 0.0)
+            # torch's threshold_backward: dy is zeroed where y <= 0, so a NaN y passes it
+            dy = tl.where(y <= 0.0, 0.0, dy)
             if RESIDUAL:
                 dz_offs = tile_offsets(o0, o1, o2, i, ci, sdz0, sdz1, sdz2, sdzi, sdzc,
                                        CONTIG, VEC)

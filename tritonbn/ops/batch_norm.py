@@ -226,11 +226,13 @@ def differentiable_backward(grad_output, input, weight, mean, stat, batch_stats,
         mean = mean.float().view(shape)
         invstd = torch.rsqrt(stat.float().view(shape) + eps)
     xhat = (x - mean) * invstd
-    if relu:  # max(y, 0): the gradient passes where y > 0 (a mask: constant to autograd)
+    if relu:  # max(y, 0): torch's own ReLU backward, which zeroes dy where y <= 0 and
+        # whose derivative with respect to y is zero: the second order sees the mask as a
+        # constant, and y's inputs (the bias too) are in the graph, as they are in torch's
         y = xhat if weight is None else xhat * weight.float().view(shape)
         y = y if bias is None else y + bias.float().view(shape)
         y = y if residual is None else y + residual.float()
-        dy = dy * (y > 0)
+        dy = torch.ops.aten.threshold_backward(dy, y, 0.0)
     grad_residual = dy.to(residual.dtype) if relu and residual is not None else None
     grad_bias = dy.sum(dims)
     grad_weight = (dy * xhat).sum(dims)
