@@ -173,12 +173,47 @@ def test_module_zero_eps_in_training():
                       lambda: tritonbn.BatchNorm1d(3, eps=0.0, device=DEVICE)(x))
 
 
-def test_functional_momentum_none():
-    """torch's functional takes a float momentum (None is the module's business)."""
+ARGUMENT_CASES = {
+    # torch.batch_norm's argument parser: TypeError, its message naming the position.
+    # momentum=None is the module's business; torch's functional takes a float.
+    "momentum_none": dict(momentum=None),
+    "momentum_str": dict(momentum="0.1"),
+    "training_none": dict(training=None),
+    "training_int": dict(training=1),
+    "training_tensor": dict(training=torch.tensor(True)),
+    "weight_list": dict(weight=[1.0, 1.0, 1.0]),
+    "running_mean_list": dict(running_mean=[0.0, 0.0, 0.0]),
+    # autograd's check: running statistics are buffers, not inputs to differentiate
+    "running_mean_requires_grad": dict(running_mean=torch.zeros(3, requires_grad=True)),
+    "running_var_requires_grad_eval": dict(running_var=torch.ones(3, requires_grad=True),
+                                           training=False),
+}
+
+
+@pytest.mark.parametrize("name", list(ARGUMENT_CASES))
+def test_functional_argument_errors(name):
     x = make_tensor((4, 3, 5))
-    assert_same_error(lambda: F.batch_norm(x, *_stats(), training=True, momentum=None),
-                      lambda: tritonbn.batch_norm(x, *_stats(), training=True, momentum=None),
-                      same_message=False)
+
+    def call(fn):
+        rm, rv = _stats()
+        kwargs = dict(running_mean=rm, running_var=rv, training=True, momentum=0.1)
+        kwargs.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.dim() else v
+                       for k, v in ARGUMENT_CASES[name].items()})
+        return lambda: fn(x, **kwargs)
+
+    assert_same_error(call(F.batch_norm), call(tritonbn.batch_norm))
+
+
+def test_running_stats_requiring_grad_are_fine_without_grad_mode():
+    """As in torch: the check is autograd's, so no_grad lets such buffers be updated."""
+    x = make_tensor((4, 3, 5))
+    updated = []
+    for fn in (F.batch_norm, tritonbn.batch_norm):
+        rm = torch.zeros(3, device=DEVICE, requires_grad=True)
+        with torch.no_grad():
+            fn(x, rm, torch.ones(3, device=DEVICE), training=True)
+        updated.append(rm.detach())
+    torch.testing.assert_close(*updated)
 
 
 def test_integer_input():

@@ -2,6 +2,7 @@
 computed by the Triton kernels when the input lives where they can run."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -54,6 +55,12 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps):
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if torch.is_grad_enabled():  # autograd's check, before the kernel's own
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(f"The function 'native_batch_norm' is not differentiable "
+                                   f"with respect to argument '{name}'. This input cannot "
+                                   f"have requires_grad True.")
     _check_tensors(input, running_mean, running_var, weight, bias)
 
 
@@ -149,6 +156,32 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                                                relu, residual)
 
 
+def _type_name(value) -> str:
+    kind = type(value)
+    if isinstance(value, Tensor) or kind.__module__ == "builtins":
+        return "Tensor" if isinstance(value, Tensor) else kind.__name__
+    return f"{kind.__module__}.{kind.__name__}"
+
+
+def _check_types(running_mean, running_var, weight, bias, training, momentum) -> None:
+    """The TypeErrors of torch.batch_norm's argument parser (positions in its schema), for
+    arguments the kernels would otherwise misread: a list as a tensor, None or 1 as
+    training, a string or None as momentum."""
+    for position, name, value in ((2, "weight", weight), (3, "bias", bias),
+                                  (4, "running_mean", running_mean),
+                                  (5, "running_var", running_var), (6, "training", training),
+                                  (7, "momentum", momentum)):
+        if name == "training":
+            ok, kind = type(value) is bool, "bool"
+        elif name == "momentum":
+            ok, kind = isinstance(value, (numbers.Real, Tensor)), "float"
+        else:
+            ok, kind = value is None or isinstance(value, Tensor), "Tensor"
+        if not ok:
+            raise TypeError(f"batch_norm(): argument '{name}' (position {position}) must be "
+                            f"{kind}, not {_type_name(value)}")
+
+
 def _traced() -> bool:
     """Under torch.compile / torch.export, or a dispatch mode (FakeTensor, ...): the custom
     ops must be used, so that tracing sees opaque nodes with fake implementations."""
@@ -167,8 +200,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
       the output: a ResNet block's shortcut, a MobileNetV2 block's skip connection.
     * ``relu=True``: returns ``relu(batch_norm(...) [+ residual])``, with no pass of its own
       over the tensor in the forward or the backward."""
-    if momentum is None:  # torch's schema takes a float
-        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
+    _check_types(running_mean, running_var, weight, bias, training, momentum)
     if not runs_on_triton(input):
         _check_residual(input, residual)
         out = F.batch_norm(input, running_mean, running_var, weight, bias, training,
