@@ -270,6 +270,36 @@ class _Twice(nn.Module):
         return torch.relu(self.bn(x)) + self.bn(x)
 
 
+class _WithUnusedParts(nn.Module):
+    """An auxiliary head and a buffer that forward does not use, nested and at the top."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(3))
+        self.body[1].register_buffer("scratch", torch.zeros(1), persistent=False)
+        self.aux_head = nn.BatchNorm2d(3)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.temperature = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return torch.relu(self.body[0](x))
+
+
+def test_fuse_relu_traced_keeps_unused_parts():
+    """What forward does not call stays in the traced model, so that the model's
+    state_dict (same keys, same order) loads into it, and its parameters stay the same
+    objects (an optimizer built before still holds them)."""
+    model = _WithUnusedParts().to(DEVICE)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    gm = tritonbn.fuse_relu_traced(model)
+    assert list(gm.state_dict()) == list(state)
+    assert [id(p) for p in gm.parameters()] == [id(p) for p in params]
+    gm.load_state_dict(state)
+    assert gm.body[0].fused_relu and "scratch" not in gm.state_dict()
+    torch.testing.assert_close(gm(make_tensor((2, 3, 4, 5))).min().item(), 0.0)
+
+
 def test_fuse_relu_traced_resnet_block():
     """torch.fx fusion: bn1 and bn2 take their ReLU, bn3 the residual and the ReLU after
     it, the BatchNorm called twice nothing; the traced model trains like the torch one

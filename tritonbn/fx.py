@@ -70,7 +70,8 @@ def fuse_relu_traced(model: nn.Module, add: bool = True) -> fx.GraphModule:
     alone, as is one whose output is also used elsewhere. Models that torch.fx cannot trace
     raise its error."""
     convert_model(model)
-    gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
+    gm = _keep_everything(fx.GraphModule(model, _Tracer().trace(model), type(model).__name__),
+                          model)
     modules = dict(gm.named_modules())
     calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
 
@@ -92,6 +93,21 @@ def fuse_relu_traced(model: nn.Module, add: bool = True) -> fx.GraphModule:
             erased.update(_fuse_add(gm.graph, node, modules, sole_call))
     gm.graph.lint()
     gm.recompile()
+    return gm
+
+
+def _keep_everything(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """``gm`` holding ``model``'s own children, parameters and buffers, in their order:
+    GraphModule keeps only what the traced forward uses (in new containers), which would
+    drop an auxiliary head or a buffer read elsewhere from the state_dict, so that the
+    model's checkpoints would no longer load."""
+    for table in ("_modules", "_parameters", "_buffers"):
+        own = getattr(gm, table)
+        merged = dict(getattr(model, table))
+        merged.update((k, v) for k, v in own.items() if k not in merged)
+        own.clear()
+        own.update(merged)
+    gm._non_persistent_buffers_set |= model._non_persistent_buffers_set
     return gm
 
 
