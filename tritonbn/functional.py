@@ -8,6 +8,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_dispatch_mode
 
 from .kernels.launch import INTERPRETED
@@ -124,6 +127,9 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
         momentum = 0.0
     nbt = num_batches_tracked if momentum is None else None
     if not _traced():  # plain eager: same implementations, less host time per call
+        if _forward_mode_ad(input, weight, bias, residual):
+            return _by_torch(input, running_mean, running_var, weight, bias, training,
+                             momentum, eps, nbt, relu, residual)
         # Without a gradient to record (inference, no_grad), skip the autograd node: its
         # host cost is about a third of the call's. Under a torch.func transform, always
         # an autograd Function of the transform-ready kind: it hands the kernels plain
@@ -180,6 +186,28 @@ def _check_types(running_mean, running_var, weight, bias, training, momentum) ->
         if not ok:
             raise TypeError(f"batch_norm(): argument '{name}' (position {position}) must be "
                             f"{kind}, not {_type_name(value)}")
+
+
+def _forward_mode_ad(*tensors) -> bool:
+    """Whether a tangent may flow through this call: a dual tensor of
+    torch.autograd.forward_ad, or torch.func.jvp (jacfwd, hessian) on the transform
+    stack. The kernels' autograd Functions define no jvp."""
+    if forward_ad._current_level >= 0 and any(
+            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return True
+    return torch._C._are_functorch_transforms_active() and any(
+        i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+
+
+def _by_torch(input, running_mean, running_var, weight, bias, training, momentum, eps,
+              num_batches_tracked, relu, residual) -> Tensor:
+    """The call computed by torch's BatchNorm (and +, ReLU), for forward-mode AD, whose
+    formulas torch has. momentum=None: torch's module reads the count on the host too."""
+    if momentum is None:
+        momentum = 1.0 / float(num_batches_tracked)
+    out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    out = out if residual is None else out + residual
+    return F.relu(out) if relu else out
 
 
 def _traced() -> bool:

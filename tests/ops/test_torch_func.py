@@ -236,3 +236,56 @@ def test_vmap_ensemble_of_modules_in_eval():
                                     m.running_var.double(), m.weight.double(),
                                     m.bias.double(), False) for i, m in enumerate(layers)])
     assert_within_largest(got, ref, "output")
+
+
+@pytest.mark.parametrize("mode", ["dual_tensors", "func_jvp"])
+def test_forward_mode_ad(mode):
+    """Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp): computed by torch's
+    BatchNorm, whose jvp formulas the kernels' Functions do not have; a tangent must never
+    be dropped. A layer with the fused ReLU and a residual against torch's layer + ReLU
+    in float64: output and tangent, and with dual tensors the running statistics of
+    momentum=None (the count read on the host, as torch's layer does; inside a torch.func
+    transform both layers refuse to update them, see the module docstring)."""
+    x, tx = make_tensor(SHAPE), make_tensor(SHAPE)
+    z = make_tensor(SHAPE)
+    params = make_params(SHAPE[1])
+
+    def run(layer, dtype, fused):
+        bn = layer(SHAPE[1], momentum=None, dtype=dtype, device=x.device,
+                   track_running_stats=mode == "dual_tensors")
+        with torch.no_grad():
+            for t, v in zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), params):
+                if t is not None:
+                    t.copy_(v)
+        bn.fused_relu = fused
+
+        def f(x):
+            return bn(x, z.to(dtype)) if fused else torch.relu(bn(x) + z.to(dtype))
+
+        if mode == "func_jvp":
+            y, ty = torch.func.jvp(f, (x.to(dtype),), (tx.to(dtype),))
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                dual = torch.autograd.forward_ad.make_dual(x.to(dtype), tx.to(dtype))
+                y, ty = torch.autograd.forward_ad.unpack_dual(f(dual))
+        return y, ty, bn.running_mean, bn.running_var
+
+    got = run(tritonbn.BatchNorm2d, torch.float32, True)
+    ref = run(torch.nn.BatchNorm2d, torch.float64, False)
+    assert got[1] is not None, "the tangent was dropped"
+    for name, g, r in zip(("output", "tangent", "running_mean", "running_var"), got, ref):
+        if r is not None:
+            assert_within_largest(g, r, name)
+
+
+def test_forward_mode_ad_of_higher_order():
+    """hessian (jacfwd of jacrev) with respect to the weight, against torch's in float64."""
+    x = make_tensor(SHAPE)
+    w = make_params(SHAPE[1])[0]
+
+    def hess(fn, dtype):
+        return torch.func.hessian(
+            lambda w: fn(x.to(dtype), None, None, w, None, True).pow(3).sum())(w.to(dtype))
+
+    assert_within_largest(hess(tritonbn.batch_norm, torch.float32),
+                          hess(torch.nn.functional.batch_norm, torch.float64), "hessian")
