@@ -162,30 +162,27 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                                                relu, residual)
 
 
-def _type_name(value) -> str:
+def _argument_error(name: str, position: int, expected: str, value) -> TypeError:
+    """torch.batch_norm's argument parser's error (positions in its schema)."""
     kind = type(value)
-    if isinstance(value, Tensor) or kind.__module__ == "builtins":
-        return "Tensor" if isinstance(value, Tensor) else kind.__name__
-    return f"{kind.__module__}.{kind.__name__}"
+    got = ("Tensor" if isinstance(value, Tensor) else kind.__name__
+           if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}")
+    return TypeError(f"batch_norm(): argument '{name}' (position {position}) must be "
+                     f"{expected}, not {got}")
 
 
 def _check_types(running_mean, running_var, weight, bias, training, momentum) -> None:
-    """The TypeErrors of torch.batch_norm's argument parser (positions in its schema), for
-    arguments the kernels would otherwise misread: a list as a tensor, None or 1 as
-    training, a string or None as momentum."""
+    """torch's TypeErrors for arguments the kernels would otherwise misread: a list as a
+    tensor, None or 1 as training, a string or None as momentum."""
     for position, name, value in ((2, "weight", weight), (3, "bias", bias),
                                   (4, "running_mean", running_mean),
-                                  (5, "running_var", running_var), (6, "training", training),
-                                  (7, "momentum", momentum)):
-        if name == "training":
-            ok, kind = type(value) is bool, "bool"
-        elif name == "momentum":
-            ok, kind = isinstance(value, (numbers.Real, Tensor)), "float"
-        else:
-            ok, kind = value is None or isinstance(value, Tensor), "Tensor"
-        if not ok:
-            raise TypeError(f"batch_norm(): argument '{name}' (position {position}) must be "
-                            f"{kind}, not {_type_name(value)}")
+                                  (5, "running_var", running_var)):
+        if value is not None and not isinstance(value, Tensor):
+            raise _argument_error(name, position, "Tensor", value)
+    if type(training) is not bool:
+        raise _argument_error("training", 6, "bool", training)
+    if not isinstance(momentum, (numbers.Real, Tensor)):
+        raise _argument_error("momentum", 7, "float", momentum)
 
 
 def _forward_mode_ad(*tensors) -> bool:
