@@ -289,3 +289,33 @@ def test_forward_mode_ad_of_higher_order():
 
     assert_within_largest(hess(tritonbn.batch_norm, torch.float32),
                           hess(torch.nn.functional.batch_norm, torch.float64), "hessian")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batched_grad_outputs(training):
+    """autograd.grad(..., is_grads_batched=True) and jacobian(vectorize=True) run the
+    backward under autograd's vmap, whose batched grad_output the kernels cannot read: the
+    backward is then computed with torch operations. Against torch in float64, with the
+    fused ReLU and a residual."""
+    x, z = make_tensor(SHAPE, mean=0.3), make_tensor(SHAPE)
+    dys = torch.stack([make_tensor(SHAPE) for _ in range(3)])
+    w, b, rm, rv = make_params(SHAPE[1])
+
+    def grads(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, w, b, z)]
+        y = fn(leaves[0], rm.to(dtype), rv.to(dtype), *leaves[1:3], training, leaves[3])
+        return torch.autograd.grad(y, leaves, dys.to(dtype), is_grads_batched=True)
+
+    got = grads(lambda *a: tritonbn.batch_norm(*a[:6], relu=True, residual=a[6]),
+                torch.float32)
+    ref = grads(lambda *a: torch.relu(torch.nn.functional.batch_norm(*a[:6]) + a[6]),
+                torch.float64)
+    for name, g, r in zip(("grad_input", "grad_weight", "grad_bias", "grad_residual"), got,
+                          ref):
+        assert_within_largest(g, r, name)
+    small = make_tensor((3, 2, 2, 2))
+    jacobians = [torch.autograd.functional.jacobian(
+        lambda x: fn(x, None, None, None, None, True), small.to(dtype), vectorize=True)
+        for fn, dtype in ((tritonbn.batch_norm, torch.float32),
+                          (torch.nn.functional.batch_norm, torch.float64))]
+    assert_within_largest(*jacobians, "jacobian")

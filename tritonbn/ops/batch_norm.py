@@ -255,8 +255,13 @@ def _backward(ctx, grad_output, backward_fn=None):
     input, weight, bias, mean, stat, residual = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2]]
-    if torch.is_grad_enabled() and input.numel() != 0:
-        backward_fn = differentiable_backward  # create_graph=True: see its docstring
+    if input.numel() != 0 and (torch.is_grad_enabled()
+                               or torch._C._functorch.is_legacy_batchedtensor(grad_output)):
+        # create_graph=True (see differentiable_backward's docstring), or a backward run
+        # under autograd's own vmap (autograd.grad's is_grads_batched,
+        # jacobian(vectorize=True)): torch operations, which autograd can differentiate
+        # and vmap can batch
+        backward_fn = differentiable_backward
     backward_fn = backward_fn or torch.ops.tritonbn.batch_norm_backward
     grad_input, grad_weight, grad_bias, grad_residual = backward_fn(
         grad_output, input, weight, mean, stat, ctx.batch_stats, ctx.eps, mask, bias, ctx.relu,
