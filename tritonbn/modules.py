@@ -106,7 +106,7 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
         if self.training and dist.is_available() and dist.is_initialized():
             group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(group)
-        if world_size == 1:
+        if world_size < 2:  # alone, or (-1) not a member of the group: local, as torch
             return _batch_norm(input, *args, relu=relu, residual=residual)
         running_mean, running_var, weight, bias, _, momentum, eps, nbt = args
         _check_tensors(input, running_mean, running_var, weight, bias)

@@ -165,6 +165,21 @@ def test_single_process_is_a_batch_norm(device):
     assert torch.equal(sync.running_var, plain.running_var)
 
 
+def test_rank_outside_its_group_is_a_batch_norm(device, monkeypatch):
+    """A process that is not a member of the layer's process_group (get_world_size gives
+    -1 there) normalises its own batch, as torch's SyncBatchNorm does (need_sync is
+    world_size > 1), instead of calling collectives of a group it is not in."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: -1)
+    x = torch.randn(4, 3, 5, 5, device=device)
+    sync = tritonbn.SyncBatchNorm(3, process_group=object(), device=device)
+    plain = tritonbn.BatchNorm2d(3, device=device)
+    assert torch.equal(sync(x), plain(x))
+    assert torch.equal(sync.running_mean, plain.running_mean)
+
+
 def test_convert_sync_batchnorm():
     """torch's conversion, then tritonbn's class: same parameter objects."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
