@@ -319,3 +319,43 @@ def test_fuse_relu_traced_resnet_block():
                        + [b.clone() for b in m.buffers()])
     for got, ref in zip(*results):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_revert_model_restores_torch_layers_and_relus():
+    """revert_model undoes both conversions: torch's classes back (same parameter
+    objects), the Sequential's ReLUs back in place of their Identity, and in a
+    fuse_relu_traced graph bn3(x, z) with its ReLU back to bn3(x) + z then relu. The
+    reverted models compute what the torch models do (in eval, with the same running
+    statistics), and torch's class-keyed tools take them: conv-BatchNorm-ReLU fusion and
+    torch.jit.script."""
+    x = make_tensor((2, 3, 4, 5))
+    torch_seq = _block().eval()
+    seq = tritonbn.revert_model(tritonbn.convert_model(copy.deepcopy(torch_seq),
+                                                       fuse_relu=True))
+    assert [type(m) for m in seq] == [type(m) for m in torch_seq]
+    assert not any(hasattr(m, "fused_relu") for m in seq.modules())
+    fused = torch.ao.quantization.fuse_modules(copy.deepcopy(seq), [["0", "1", "2"]])
+    scripted = torch.jit.script(seq)
+    with torch.no_grad():
+        for m in (seq, fused, scripted):
+            torch.testing.assert_close(m(x), torch_seq(x), rtol=1e-5, atol=1e-5)
+
+    torch_block = _Bottleneck().to(DEVICE).eval()
+    gm = tritonbn.fuse_relu_traced(copy.deepcopy(torch_block))
+    weight = gm.bn3.weight
+    gm = tritonbn.revert_model(gm)
+    assert type(gm.bn3) is nn.BatchNorm2d and gm.bn3.weight is weight
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and "bn" in n.target]
+    assert all(len(n.args) == 1 for n in calls)
+    x6 = make_tensor((2, 6, 4, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x6), torch_block(x6), rtol=1e-5, atol=1e-5)
+
+
+def test_revert_model_refuses_a_relu_it_cannot_place():
+    """A fused ReLU set by hand outside a Sequential: ValueError, and nothing changed."""
+    block = tritonbn.convert_model(_Bottleneck())
+    block.bn1.fused_relu = True
+    with pytest.raises(ValueError, match="bn1 has a fused ReLU"):
+        tritonbn.revert_model(block)
+    assert type(block.bn1) is tritonbn.BatchNorm2d and block.bn1.fused_relu

@@ -29,8 +29,10 @@ _EPS_ZERO_ALLOWED_IN_EVAL = tuple(
 def runs_on_triton(input: Tensor) -> bool:
     """True when ``input`` is computed by the Triton kernels: CUDA tensors, and CPU tensors
     when the Triton interpreter is on (TRITON_INTERPRET=1 before import). Other inputs
-    (CPU without the interpreter, float64, ...) fall back to torch's own BatchNorm."""
-    if input.dtype not in KERNEL_DTYPES:
+    (CPU without the interpreter, float64, ...) fall back to torch's own BatchNorm, as do
+    calls recorded by torch.jit.trace (and so torch.onnx.export's TorchScript path),
+    whose graph can then hold aten::batch_norm instead of kernel launches."""
+    if input.dtype not in KERNEL_DTYPES or torch.jit.is_tracing():
         return False
     return input.device.type == "cuda" or (input.device.type == "cpu" and INTERPRETED)
 

@@ -4,10 +4,11 @@ Triton kernels, and ``convert_model`` to switch an existing model over in place.
 from __future__ import annotations
 
 import collections
+import operator
 
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from .functional import _batch_norm, _check_tensors, _traced, residual_fits, runs_on_triton
 from .ops.sync_batch_norm import SyncBatchNormFunction
@@ -29,6 +30,13 @@ class _TritonBatchNorm:
     fused_relu = False
 
     def forward(self, input: Tensor, residual=None) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            # torch.fx tracing (symbolic_trace and the tools built on it): one call of this
+            # layer in the graph, as fx records torch's own BatchNorm, rather than this
+            # method's branches on a Proxy (which fx cannot trace)
+            args = (input,) if residual is None else (input, residual)
+            return input.tracer.create_proxy(
+                "call_module", input.tracer.path_of_module(self), args, {})
         if not self._runs_on_kernels(input):
             output = super().forward(input)
         else:
@@ -206,5 +214,76 @@ def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
                 bn = seq._modules[first]
                 if (type(seq._modules[second]) is nn.ReLU and places[id(bn)] == 1
                         and _take_relu(bn)):
-                    seq._modules[second] = nn.Identity()
+                    seq._modules[second] = nn.Identity().train(seq._modules[second].training)
     return module
+
+
+def revert_model(module: nn.Module) -> nn.Module:
+    """The inverse of ``convert_model``, in place: every tritonbn layer in ``module``
+    (itself included) becomes torch's class again, same parameter and buffer objects, and
+    returns ``module``. For tools keyed on torch's exact classes: conv + BatchNorm fusion
+    (``torch.ao.quantization.fuse_modules``, ``fuse_conv_bn_eval``), quantization,
+    ``torch.jit.script``.
+
+    Fused epilogues come back as torch operations, so the model computes the same thing:
+    in an ``nn.Sequential``, the ``nn.Identity`` that ``convert_model(fuse_relu=True)``
+    left after a layer with a fused ReLU becomes an ``nn.ReLU`` again; in a GraphModule
+    of ``fuse_relu_traced``, a call ``bn(x, z)`` becomes ``bn(x) + z`` and a fused ReLU a
+    ``relu`` call after it. A fused ReLU anywhere else (a flag set by hand) cannot be put
+    back from here: ValueError, before anything is changed."""
+    relus_back = []  # (Sequential, the name of an Identity, the layer with a ReLU before it)
+    for seq in module.modules():
+        if isinstance(seq, nn.Sequential):
+            names = list(seq._modules)
+            relus_back += [(seq, second, seq._modules[first])
+                           for first, second in zip(names, names[1:])
+                           if getattr(seq._modules[first], "fused_relu", False)
+                           and type(seq._modules[second]) is nn.Identity]
+    placed = {id(layer) for _, _, layer in relus_back}
+    graphs = [m for m in module.modules() if isinstance(m, fx.GraphModule)]
+    placed |= {id(gm.get_submodule(n.target)) for gm in graphs for n in gm.graph.nodes
+               if n.op == "call_module"}
+    for name, m in module.named_modules():
+        if getattr(m, "fused_relu", False) and id(m) not in placed:
+            raise ValueError(f"revert_model: {name or 'the module'} has a fused ReLU that is "
+                             "neither before an nn.Identity in an nn.Sequential nor in a "
+                             "fuse_relu_traced graph; set its fused_relu to False and add "
+                             "the ReLU where the model calls it")
+    for seq, name, _ in relus_back:
+        seq._modules[name] = nn.ReLU().train(seq._modules[name].training)
+    for gm in graphs:
+        _unfuse_graph(gm)
+    for m in module.modules():
+        original = _ORIGINALS.get(type(m))
+        if original is not None:
+            m.__dict__.pop("fused_relu", None)
+            m.__class__ = original
+    return module
+
+
+_ORIGINALS = {new: old for old, new in _REPLACEMENTS.items()}
+
+
+def _unfuse_graph(gm: fx.GraphModule) -> None:
+    """Each call of a tritonbn layer with a residual or a fused ReLU becomes the layer's
+    plain call followed by ``+ z`` and ``relu``."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        layer = gm.get_submodule(node.target)
+        if not isinstance(layer, _TritonBatchNorm) or (len(node.args) < 2
+                                                       and not layer.fused_relu):
+            continue
+        with graph.inserting_after(node):
+            result = graph.call_module(node.target, node.args[:1])
+        if len(node.args) > 1:
+            with graph.inserting_after(result):
+                result = graph.call_function(operator.add, (result, node.args[1]))
+        if layer.fused_relu:
+            with graph.inserting_after(result):
+                result = graph.call_function(F.relu, (result,))
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()

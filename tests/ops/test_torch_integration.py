@@ -14,6 +14,9 @@
 - torch.export of a model in eval mode (and in training mode): the exported program gives
   the same outputs, also after save/load, with a dynamic batch size and after
   run_decompositions().
+- torch.fx.symbolic_trace: tritonbn's layers are one call each in the graph, as torch's
+  are, and the traced model runs the kernels; torch.jit.trace records torch's
+  aten::batch_norm (so that TorchScript and the ONNX exporter built on it see a BatchNorm).
 """
 import copy
 import io
@@ -539,3 +542,46 @@ def test_export_training_mode(device):
     sd_e = eager.state_dict()
     for k, v in exported.state_dict().items():
         torch.testing.assert_close(v, sd_e[k], **TOL, msg=lambda m: f"{k}: {m}")
+
+
+def test_fx_symbolic_trace_keeps_layers_as_calls(device, kernel_launches):
+    """fx's default tracer steps into modules outside torch.nn: tritonbn's layers record
+    themselves as one call_module node each (with a residual, a two-argument call), so
+    symbolic_trace and the fx tools built on it work on converted models, and the traced
+    model computes what the model does, with the kernels."""
+    ref, model = make_pair(0.1, device)
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.bn = model, tritonbn.BatchNorm1d(6, device=device)
+
+        def forward(self, x):
+            h = self.net(x)
+            return self.bn(h, h)
+
+    block = Residual()
+    gm = torch.fx.symbolic_trace(block)
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert [c for c in calls if "bn" in c] == ["net.bn_in", "net.bn2d", "net.bn3d",
+                                               "net.bn1d", "bn"]
+    x = make_inputs(1, device)[0]
+    expected = copy.deepcopy(block)(x)
+    kernel_launches.clear()
+    torch.testing.assert_close(gm(x), expected, **SAME)
+    assert kernel_launches
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_jit_trace_records_torch_batch_norm(device, training):
+    """torch.jit.trace of a converted model records aten::batch_norm (the kernels'
+    launches cannot be traced), and the trace computes what torch's model does."""
+    ref, model = make_pair(0.1, device)
+    ref.train(training)
+    model.train(training)
+    x = make_inputs(1, device)[0]
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+    assert "aten::batch_norm" in str(traced.inlined_graph)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), ref(x), **TOL)
