@@ -6,6 +6,9 @@ outcome, so the test follows torch's behaviour instead of a hard-coded copy of i
 """
 from __future__ import annotations
 
+import fractions
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,6 +181,9 @@ ARGUMENT_CASES = {
     # momentum=None is the module's business; torch's functional takes a float.
     "momentum_none": dict(momentum=None),
     "momentum_str": dict(momentum="0.1"),
+    "momentum_fraction": dict(momentum=fractions.Fraction(1, 10)),
+    "momentum_1d_tensor": dict(momentum=torch.tensor([0.1])),
+    "momentum_requires_grad": dict(momentum=torch.tensor(0.1, requires_grad=True)),
     "training_none": dict(training=None),
     "training_int": dict(training=1),
     "training_tensor": dict(training=torch.tensor(True)),
@@ -202,6 +208,20 @@ def test_functional_argument_errors(name):
         return lambda: fn(x, **kwargs)
 
     assert_same_error(call(F.batch_norm), call(tritonbn.batch_norm))
+
+
+@pytest.mark.parametrize("momentum", [np.float32(0.25), np.int64(1), torch.tensor(0.25), True],
+                         ids=["np_float32", "np_int64", "tensor_0d", "bool"])
+def test_functional_momentum_types_torch_takes(momentum):
+    """Numbers torch's parser takes as a float momentum: the same running statistics."""
+    x = make_tensor((4, 3, 5))
+    updated = []
+    for fn in (F.batch_norm, tritonbn.batch_norm):
+        rm, rv = _stats()
+        fn(x, rm, rv, training=True, momentum=momentum)
+        updated += [rm, rv]
+    torch.testing.assert_close(updated[0], updated[2])
+    torch.testing.assert_close(updated[1], updated[3])
 
 
 def test_running_stats_requiring_grad_are_fine_without_grad_mode():

@@ -333,6 +333,7 @@ def test_revert_model_restores_torch_layers_and_relus():
     seq = tritonbn.revert_model(tritonbn.convert_model(copy.deepcopy(torch_seq),
                                                        fuse_relu=True))
     assert [type(m) for m in seq] == [type(m) for m in torch_seq]
+    assert seq[5].inplace  # the ReLU that was replaced, not a new one
     assert not any(hasattr(m, "fused_relu") for m in seq.modules())
     fused = torch.ao.quantization.fuse_modules(copy.deepcopy(seq), [["0", "1", "2"]])
     scripted = torch.jit.script(seq)
@@ -352,10 +353,37 @@ def test_revert_model_restores_torch_layers_and_relus():
         torch.testing.assert_close(gm(x6), torch_block(x6), rtol=1e-5, atol=1e-5)
 
 
-def test_revert_model_refuses_a_relu_it_cannot_place():
-    """A fused ReLU set by hand outside a Sequential: ValueError, and nothing changed."""
+class _OwnIdentity(nn.Module):
+    """A Sequential whose Identity is the model's own, after a layer fused by tracing."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.BatchNorm2d(3), nn.Identity())
+
+    def forward(self, x):
+        return torch.relu(self.seq[0](x)) + self.seq[1](x)
+
+
+def test_revert_model_leaves_the_models_own_identity():
+    """Only the Identity that convert_model put in place of a ReLU becomes a ReLU again:
+    the model's own stays, and the traced layer's ReLU returns as a call in the graph."""
+    torch_model = _OwnIdentity().to(DEVICE).eval()
+    gm = tritonbn.revert_model(tritonbn.fuse_relu_traced(copy.deepcopy(torch_model)))
+    assert type(gm.seq[1]) is nn.Identity
+    x = make_tensor((2, 3, 4, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), torch_model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_revert_model_refuses_what_it_cannot_undo():
+    """A fused ReLU set by hand outside a Sequential, or a part of a traced model whose
+    graph calls a layer with a residual: ValueError, and nothing changed."""
     block = tritonbn.convert_model(_Bottleneck())
     block.bn1.fused_relu = True
     with pytest.raises(ValueError, match="bn1 has a fused ReLU"):
         tritonbn.revert_model(block)
     assert type(block.bn1) is tritonbn.BatchNorm2d and block.bn1.fused_relu
+    gm = tritonbn.fuse_relu_traced(_Bottleneck())
+    with pytest.raises(ValueError, match="fused ReLU and residual"):
+        tritonbn.revert_model(gm.bn3)
+    assert type(gm.bn3) is tritonbn.BatchNorm2d

@@ -60,12 +60,12 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps):
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if torch.is_grad_enabled():  # autograd's check, before the kernel's own
-        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-            if t is not None and t.requires_grad:
-                raise RuntimeError(f"The function 'native_batch_norm' is not differentiable "
-                                   f"with respect to argument '{name}'. This input cannot "
-                                   f"have requires_grad True.")
+    if (running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)
+            and torch.is_grad_enabled()):  # autograd's check, before the kernel's own
+        name = "running_mean" if running_mean.requires_grad else "running_var"
+        raise RuntimeError(f"The function 'native_batch_norm' is not differentiable with "
+                           f"respect to argument '{name}'. This input cannot have "
+                           f"requires_grad True.")
     _check_tensors(input, running_mean, running_var, weight, bias)
 
 
@@ -128,15 +128,18 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     if momentum is None and num_batches_tracked is None:
         momentum = 0.0
     nbt = num_batches_tracked if momentum is None else None
+    transformed = torch._C._are_functorch_transforms_active()
+    if ((transformed or forward_ad._current_level >= 0)
+            and _forward_mode_ad(input, weight, bias, residual)):
+        # also when traced (torch.func.linearize): the custom ops have no jvp formula either
+        return _by_torch(input, running_mean, running_var, weight, bias, training, momentum,
+                         eps, nbt, relu, residual)
     if not _traced():  # plain eager: same implementations, less host time per call
-        if _forward_mode_ad(input, weight, bias, residual):
-            return _by_torch(input, running_mean, running_var, weight, bias, training,
-                             momentum, eps, nbt, relu, residual)
         # Without a gradient to record (inference, no_grad), skip the autograd node: its
         # host cost is about a third of the call's. Under a torch.func transform, always
         # an autograd Function of the transform-ready kind: it hands the kernels plain
         # tensors.
-        if torch._C._are_functorch_transforms_active():
+        if transformed:
             if training:
                 return _ops.FuncTrain.apply(input, weight, bias, running_mean, running_var,
                                             nbt, momentum, eps, relu, residual)[0]
@@ -155,6 +158,10 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                                          eps, relu, residual)
         return _ops.apply_impl(input, weight, bias, running_mean, running_var, False, eps, relu,
                                residual)
+    if forward_ad._current_level >= 0:  # dual tensors under torch.compile: unseen there
+        raise NotImplementedError(
+            "tritonbn: forward-mode AD (torch.autograd.forward_ad) inside torch.compile: the "
+            "custom ops have no forward-mode formula; call the model eagerly there")
     mean, stat = running_mean, running_var
     if training:
         # detach: the gradient through the statistics is in batch_norm_apply's backward.
@@ -164,11 +171,16 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                                                relu, residual)
 
 
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE
+
+
 def _argument_error(name: str, position: int, expected: str, value) -> TypeError:
     """torch.batch_norm's argument parser's error (positions in its schema)."""
     kind = type(value)
-    got = ("Tensor" if isinstance(value, Tensor) else kind.__name__
-           if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}")
+    # CPython's tp_name: a class written in Python (Tensor, Fraction) or a builtin by its
+    # name, one of an extension module (numpy.bool) with the module's name
+    static = not kind.__flags__ & _HEAP_TYPE and kind.__module__ != "builtins"
+    got = f"{kind.__module__}.{kind.__name__}" if static else kind.__name__
     return TypeError(f"batch_norm(): argument '{name}' (position {position}) must be "
                      f"{expected}, not {got}")
 
@@ -183,14 +195,24 @@ def _check_types(running_mean, running_var, weight, bias, training, momentum) ->
             raise _argument_error(name, position, "Tensor", value)
     if type(training) is not bool:
         raise _argument_error("training", 6, "bool", training)
-    if not isinstance(momentum, (numbers.Real, Tensor)):
+    if type(momentum) is not float and not _float_like(momentum):
         raise _argument_error("momentum", 7, "float", momentum)
+
+
+def _float_like(value) -> bool:
+    """What torch's parser takes for a float: Python and numpy numbers, and 0-d tensors
+    that do not require grad."""
+    if isinstance(value, Tensor):
+        return value.dim() == 0 and not value.requires_grad
+    return isinstance(value, (int, float)) or (type(value).__module__ == "numpy"
+                                               and isinstance(value, numbers.Real))
 
 
 def _forward_mode_ad(*tensors) -> bool:
     """Whether a tangent may flow through this call: a dual tensor of
     torch.autograd.forward_ad, or torch.func.jvp (jacfwd, hessian) on the transform
-    stack. The kernels' autograd Functions define no jvp."""
+    stack. The kernels' autograd Functions define no jvp. (The caller first checks that a
+    forward-AD level or a transform is active at all: the common case costs no call.)"""
     if forward_ad._current_level >= 0 and any(
             t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         return True

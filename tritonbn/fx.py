@@ -70,7 +70,7 @@ def fuse_relu_traced(model: nn.Module, add: bool = True) -> fx.GraphModule:
     alone, as is one whose output is also used elsewhere. Models that torch.fx cannot trace
     raise its error."""
     convert_model(model)
-    gm = _keep_everything(fx.GraphModule(model, _Tracer().trace(model), type(model).__name__),
+    gm = _adopt_model_state(fx.GraphModule(model, _Tracer().trace(model), type(model).__name__),
                           model)
     modules = dict(gm.named_modules())
     calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
@@ -96,7 +96,7 @@ def fuse_relu_traced(model: nn.Module, add: bool = True) -> fx.GraphModule:
     return gm
 
 
-def _keep_everything(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+def _adopt_model_state(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     """``gm`` holding ``model``'s own children, parameters and buffers, in their order:
     GraphModule keeps only what the traced forward uses (in new containers), which would
     drop an auxiliary head or a buffer read elsewhere from the state_dict, so that the
@@ -125,6 +125,7 @@ def _fuse_add(graph: fx.Graph, node: fx.Node, modules: dict, sole_call) -> tuple
             continue  # relu(bn(x)) + z is not relu(bn(x) + z)
         with graph.inserting_before(node):
             fused = graph.call_module(bn_node.target, (bn_node.args[0], other))
+        bn.residual_in_graph = True  # revert_model must find the graph to undo this
         result = node
         relu = next(iter(node.users)) if len(node.users) == 1 else None
         if (relu is not None and _is_relu(relu, modules) and relu.args[0] is node

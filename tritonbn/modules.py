@@ -9,6 +9,7 @@ import operator
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.nn.modules import module as _module_hooks
 
 from .functional import _batch_norm, _check_tensors, _traced, residual_fits, runs_on_triton
 from .ops.sync_batch_norm import SyncBatchNormFunction
@@ -33,7 +34,17 @@ class _TritonBatchNorm:
         if isinstance(input, fx.Proxy):
             # torch.fx tracing (symbolic_trace and the tools built on it): one call of this
             # layer in the graph, as fx records torch's own BatchNorm, rather than this
-            # method's branches on a Proxy (which fx cannot trace)
+            # method's branches on a Proxy (which fx cannot trace). fx steps into layers
+            # outside torch.nn through __call__, so hooks would be traced too and then run
+            # again by the call: refused.
+            if (self._forward_hooks or self._forward_pre_hooks
+                    or _module_hooks._global_forward_hooks
+                    or _module_hooks._global_forward_pre_hooks):
+                raise RuntimeError(
+                    "torch.fx tracing a tritonbn layer with forward hooks: they would be "
+                    "recorded in the graph and run again by the layer's call; trace "
+                    "tritonbn.revert_model(model), or with a Tracer whose is_leaf_module "
+                    "is True for tritonbn's layers")
             args = (input,) if residual is None else (input, residual)
             return input.tracer.create_proxy(
                 "call_module", input.tracer.path_of_module(self), args, {})
@@ -212,9 +223,12 @@ def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
             names = list(seq._modules)
             for first, second in zip(names, names[1:]):
                 bn = seq._modules[first]
-                if (type(seq._modules[second]) is nn.ReLU and places[id(bn)] == 1
-                        and _take_relu(bn)):
-                    seq._modules[second] = nn.Identity().train(seq._modules[second].training)
+                relu = seq._modules[second]
+                if type(relu) is nn.ReLU and places[id(bn)] == 1 and _take_relu(bn):
+                    identity = nn.Identity().train(relu.training)
+                    # the ReLU it stands for, for revert_model (an attribute, not a child)
+                    identity.__dict__["replaced_relu"] = relu
+                    seq._modules[second] = identity
     return module
 
 
@@ -226,37 +240,39 @@ def revert_model(module: nn.Module) -> nn.Module:
     ``torch.jit.script``.
 
     Fused epilogues come back as torch operations, so the model computes the same thing:
-    in an ``nn.Sequential``, the ``nn.Identity`` that ``convert_model(fuse_relu=True)``
-    left after a layer with a fused ReLU becomes an ``nn.ReLU`` again; in a GraphModule
-    of ``fuse_relu_traced``, a call ``bn(x, z)`` becomes ``bn(x) + z`` and a fused ReLU a
-    ``relu`` call after it. A fused ReLU anywhere else (a flag set by hand) cannot be put
-    back from here: ValueError, before anything is changed."""
-    relus_back = []  # (Sequential, the name of an Identity, the layer with a ReLU before it)
-    for seq in module.modules():
-        if isinstance(seq, nn.Sequential):
-            names = list(seq._modules)
-            relus_back += [(seq, second, seq._modules[first])
-                           for first, second in zip(names, names[1:])
-                           if getattr(seq._modules[first], "fused_relu", False)
-                           and type(seq._modules[second]) is nn.Identity]
-    placed = {id(layer) for _, _, layer in relus_back}
+    the ``nn.Identity`` that ``convert_model(fuse_relu=True)`` put in place of a ReLU gets
+    that very ReLU back; in a GraphModule of ``fuse_relu_traced``, a call ``bn(x, z)``
+    becomes ``bn(x) + z`` and a fused ReLU a ``relu`` call after it. A fused ReLU or
+    residual whose Sequential or graph is not inside ``module`` (a part of a traced model,
+    a flag set by hand) cannot be undone from here: ValueError, before anything changes."""
+    relus_back = [(seq, name, seq._modules[first]) for seq in module.modules()
+                  if isinstance(seq, nn.Sequential)
+                  for first, name in zip(list(seq._modules), list(seq._modules)[1:])
+                  if "replaced_relu" in seq._modules[name].__dict__
+                  and getattr(seq._modules[first], "fused_relu", False)]
+    in_sequences = {id(layer) for _, _, layer in relus_back}
     graphs = [m for m in module.modules() if isinstance(m, fx.GraphModule)]
-    placed |= {id(gm.get_submodule(n.target)) for gm in graphs for n in gm.graph.nodes
-               if n.op == "call_module"}
+    in_graphs = {id(gm.get_submodule(n.target)) for gm in graphs for n in gm.graph.nodes
+                 if n.op == "call_module"}
     for name, m in module.named_modules():
-        if getattr(m, "fused_relu", False) and id(m) not in placed:
-            raise ValueError(f"revert_model: {name or 'the module'} has a fused ReLU that is "
-                             "neither before an nn.Identity in an nn.Sequential nor in a "
-                             "fuse_relu_traced graph; set its fused_relu to False and add "
-                             "the ReLU where the model calls it")
+        fused = [what for what, flag in (("ReLU", "fused_relu"),
+                                         ("residual", "residual_in_graph"))
+                 if getattr(m, flag, False)]
+        if fused and id(m) not in in_sequences | in_graphs:
+            raise ValueError(
+                f"revert_model: {name or 'the module'} has a fused {' and '.join(fused)} "
+                "whose nn.Sequential or fuse_relu_traced graph is not inside the module "
+                "given; revert the whole model")
     for seq, name, _ in relus_back:
-        seq._modules[name] = nn.ReLU().train(seq._modules[name].training)
+        identity = seq._modules[name]
+        seq._modules[name] = identity.__dict__["replaced_relu"].train(identity.training)
     for gm in graphs:
-        _unfuse_graph(gm)
+        _unfuse_graph(gm, relu_restored=in_sequences)
     for m in module.modules():
         original = _ORIGINALS.get(type(m))
         if original is not None:
             m.__dict__.pop("fused_relu", None)
+            m.__dict__.pop("residual_in_graph", None)
             m.__class__ = original
     return module
 
@@ -264,26 +280,32 @@ def revert_model(module: nn.Module) -> nn.Module:
 _ORIGINALS = {new: old for old, new in _REPLACEMENTS.items()}
 
 
-def _unfuse_graph(gm: fx.GraphModule) -> None:
+def _unfuse_graph(gm: fx.GraphModule, relu_restored: set) -> None:
     """Each call of a tritonbn layer with a residual or a fused ReLU becomes the layer's
-    plain call followed by ``+ z`` and ``relu``."""
-    graph = gm.graph
+    plain call followed by ``+ z`` and ``relu`` (not for a layer in ``relu_restored``,
+    whose ReLU module is back after it in its Sequential)."""
+    graph, changed = gm.graph, False
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
         layer = gm.get_submodule(node.target)
-        if not isinstance(layer, _TritonBatchNorm) or (len(node.args) < 2
-                                                       and not layer.fused_relu):
+        if not isinstance(layer, _TritonBatchNorm):
+            continue
+        relu = layer.fused_relu and id(layer) not in relu_restored
+        if len(node.args) < 2 and not relu:
             continue
         with graph.inserting_after(node):
             result = graph.call_module(node.target, node.args[:1])
+        result.meta = dict(node.meta)
         if len(node.args) > 1:
             with graph.inserting_after(result):
                 result = graph.call_function(operator.add, (result, node.args[1]))
-        if layer.fused_relu:
+        if relu:
             with graph.inserting_after(result):
                 result = graph.call_function(F.relu, (result,))
         node.replace_all_uses_with(result)
         graph.erase_node(node)
-    graph.lint()
-    gm.recompile()
+        changed = True
+    if changed:
+        graph.lint()
+        gm.recompile()

@@ -238,7 +238,7 @@ def test_vmap_ensemble_of_modules_in_eval():
     assert_within_largest(got, ref, "output")
 
 
-@pytest.mark.parametrize("mode", ["dual_tensors", "func_jvp"])
+@pytest.mark.parametrize("mode", ["dual_tensors", "func_jvp", "func_linearize"])
 def test_forward_mode_ad(mode):
     """Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp): computed by torch's
     BatchNorm, whose jvp formulas the kernels' Functions do not have; a tangent must never
@@ -264,6 +264,9 @@ def test_forward_mode_ad(mode):
 
         if mode == "func_jvp":
             y, ty = torch.func.jvp(f, (x.to(dtype),), (tx.to(dtype),))
+        elif mode == "func_linearize":  # traced with make_fx, then the tangent map is run
+            y, tangent_map = torch.func.linearize(f, x.to(dtype))
+            ty = tangent_map(tx.to(dtype))
         else:
             with torch.autograd.forward_ad.dual_level():
                 dual = torch.autograd.forward_ad.make_dual(x.to(dtype), tx.to(dtype))
@@ -319,3 +322,15 @@ def test_batched_grad_outputs(training):
         for fn, dtype in ((tritonbn.batch_norm, torch.float32),
                           (torch.nn.functional.batch_norm, torch.float64))]
     assert_within_largest(*jacobians, "jacobian")
+
+
+def test_forward_mode_ad_under_compile_raises():
+    """Dual tensors inside torch.compile: the compiled graph holds the custom ops, which
+    have no forward-mode formula, so the tangent would be lost: an error instead."""
+    torch._dynamo.reset()
+    x, tx = make_tensor(SHAPE), make_tensor(SHAPE)
+    compiled = torch.compile(lambda x: tritonbn.batch_norm(x, None, None, training=True),
+                             backend="aot_eager")
+    with torch.autograd.forward_ad.dual_level():
+        with pytest.raises(Exception, match="forward-mode AD"):
+            compiled(torch.autograd.forward_ad.make_dual(x, tx))

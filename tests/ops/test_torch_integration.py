@@ -572,6 +572,16 @@ def test_fx_symbolic_trace_keeps_layers_as_calls(device, kernel_launches):
     assert kernel_launches
 
 
+def test_fx_symbolic_trace_refuses_layers_with_hooks(device):
+    """fx steps into tritonbn's layers through __call__ (they are not in torch.nn), so a
+    forward hook would be traced and then run again by the layer's call: an error that
+    says what to do instead of a model that applies its hooks twice."""
+    _, model = make_pair(0.1, device)
+    model.bn2d.register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(RuntimeError, match="forward hooks"):
+        torch.fx.symbolic_trace(model)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_jit_trace_records_torch_batch_norm(device, training):
     """torch.jit.trace of a converted model records aten::batch_norm (the kernels'
