@@ -154,6 +154,9 @@ def _graph_ms(build, n_calls: int, replays: int = 5) -> float:
 
 
 class _Alarm:
+    """SIGALRM after ``seconds``: a TimeoutError that the per-phase handlers pass on (they
+    catch Exception), so it ends the whole case, which is recorded as timed out."""
+
     def __init__(self, seconds):
         self.seconds = seconds
 
@@ -226,6 +229,8 @@ class Bencher:
             if prov.startswith("torch_compile"):
                 torch._dynamo.reset()
             m, fwd = P.make(prov, len(case.shape), case.shape[1], DEVICE, case.dtype, residual)
+        except TimeoutError:
+            raise
         except Exception as e:
             return [dict(base, phase=p, error=_msg(e)) for p in self.opts.phases]
         for phase in self.opts.phases:
@@ -234,6 +239,8 @@ class Bencher:
             try:
                 with P.provider_env(prov):
                     self._measure(row, case, prov, phase, m, fwd, xs, dys, ref, zs)
+            except TimeoutError:
+                raise
             except Exception as e:
                 row["error"] = _msg(e)
                 self.log(f"  {prov} {phase} {case.label}: {row['error']}")
@@ -268,6 +275,8 @@ class Bencher:
                 row["graph_calls"] = n
                 row["gbps_graph"] = row["min_bytes"] / g / 1e6
                 row["graph_l2_resident"] = row["rot_bytes"] <= self.info["l2_bytes"]
+            except TimeoutError:
+                raise
             except Exception as e:
                 row["graph_error"] = _msg(e)
         key = (prov, case.family, case.layout, case.dtype, phase)
@@ -276,10 +285,14 @@ class Bencher:
             self.profiled.add(key)
             try:
                 n, names = _profile(f)
+                if n == 0:
+                    raise RuntimeError("the profiler recorded no GPU kernel")
                 row["launches"] = n
                 row["kernels"] = ";".join(sorted({_short(x) for x in names}))
                 if prov == "torch":
                     row["backend"] = _backend(names)
+            except TimeoutError:
+                raise
             except Exception as e:
                 row["profile_error"] = _msg(e)
 
@@ -333,6 +346,11 @@ def run(opts, log) -> dict:
         summary["copy_bandwidth"] = dict(error=_msg(e))
     copy_gbps = summary["copy_bandwidth"].get("gbps")
     summary["host_overhead"] = host_overhead(500 if opts.quick else 2000)
+    # Imported now, outside any case: a timeout inside a first import would leave the
+    # module half-loaded for the rest of the run.
+    import sympy  # noqa: F401  (autograd's first symbolic-shape use)
+    import torch.fx.experimental.symbolic_shapes  # noqa: F401
+    import torch.profiler  # noqa: F401
     cases = S.gpu_cases(opts.quick, opts.autotune, opts.compile)
     if P.apex_available():
         cases += [S.Case(c.family, c.name, c.shape, c.layout, "fp16", c.count, ("apex",))
@@ -366,8 +384,10 @@ def _one_case(case, bench, deadline, case_s, rows, skipped, prog, opts):
         prog.step(f"skipped (budget) {case.label}")
         return
     t0 = time.perf_counter()
+    # no case may run far past the deadline: the report's outputs must still be written
+    seconds = min(CASE_TIMEOUT_S, max(5, int(deadline - t0) + 10))
     try:
-        with _Alarm(CASE_TIMEOUT_S):
+        with _Alarm(seconds):
             rows += bench.case_rows(case)
     except Exception as e:  # out of memory, timeout ...
         rows += [dict(family=case.family, name=case.name, layout=case.layout,

@@ -8,13 +8,15 @@
 #   OUT=/some/dir bash perf/gpu_run.sh [extra perf/report.py options, e.g. --quick]
 # Time: the whole script ends within TOTAL_S seconds (default 540, for the device tool's
 # 600 s limit per command: a command killed at that limit would lose the archive made at
-# the end). The tests get at most TEST_TIMEOUT_S (default 240); the report gets what is
-# left less ARCHIVE_S (default 25) as its --budget-s, and it writes what it has if stopped.
+# the end; with less device time left than that, pass TOTAL_S = time left - 60). The
+# tests get at most TEST_TIMEOUT_S (default 240); the report gets what is left less
+# ARCHIVE_S (default 45: its 30 s grace after SIGTERM, the archive) as its --budget-s, and
+# writes what it has if stopped.
 set -u
 cd "$(dirname "$0")/.."
 START_S=$SECONDS
 TOTAL_S="${TOTAL_S:-540}"
-ARCHIVE_S="${ARCHIVE_S:-25}"
+ARCHIVE_S="${ARCHIVE_S:-45}"
 OUT="${OUT:-perf/results}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -58,7 +60,7 @@ REPORT_DIR="perf/results/$NAME"
 BUDGET_S=$(( TOTAL_S - (SECONDS - START_S) - ARCHIVE_S ))
 [ "$BUDGET_S" -ge 60 ] || BUDGET_S=60
 echo "== perf/report.py -> $REPORT_DIR, --budget-s $BUDGET_S ($(date -Is))" | tee -a "$OUT/gpu_run.log"
-timeout -k 5 "$(( BUDGET_S + 10 ))" "$PY" perf/report.py --out "$REPORT_DIR" --budget-s "$BUDGET_S" "$@" \
+timeout -k 30 "$(( BUDGET_S + 10 ))" "$PY" perf/report.py --out "$REPORT_DIR" --budget-s "$BUDGET_S" "$@" \
   2>&1 | tee "$OUT/report.log"
 REPORT_RC=${PIPESTATUS[0]}
 echo "== report exit code $REPORT_RC ($(date -Is))" | tee -a "$OUT/gpu_run.log"

@@ -124,16 +124,22 @@ def write_outputs(summary: dict, out_dir: str, gpu: bool, log) -> int:
         write_csv(summary["rows"], os.path.join(out_dir, "results.csv"))
     if summary.get("grid"):
         write_csv(summary["grid"], os.path.join(out_dir, "grid.csv"))
+    def write_summary_and_report(plots):
+        summary["plots"] = [os.path.basename(p) for p in plots]
+        write_json(summary, os.path.join(out_dir, "summary.json"))
+        md = (_md.gpu_report(summary, out_dir, plots) if gpu
+              else _md.cpu_report(summary, out_dir, plots))
+        with open(os.path.join(out_dir, "report.md"), "w") as f:
+            f.write(md)
+
+    # The numbers first: drawing takes seconds, which a run stopped at its limit may lack.
+    write_summary_and_report([])
     try:
         plots = _plots.gpu_plots(summary, out_dir) if gpu else _plots.cpu_plots(summary, out_dir)
     except Exception as e:  # a plot must not cost the numbers
         log(f"plots failed: {type(e).__name__}: {e}")
         plots = []
-    summary["plots"] = [os.path.basename(p) for p in plots]
-    write_json(summary, os.path.join(out_dir, "summary.json"))
-    md = _md.gpu_report(summary, out_dir, plots) if gpu else _md.cpu_report(summary, out_dir, plots)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(md)
+    write_summary_and_report(plots)
     log(f"wrote {out_dir}: results.csv, summary.json, report.md, {len(plots)} plots "
         f"({summary['wall_s']} s)")
     return 0

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -154,3 +155,45 @@ def test_gpu_host_overhead_on_cpu(monkeypatch):
         (p, m) for p in ("tritonbn", "tritonbn_tuned", "tritonbn_split", "torch")
         for m in ("train_fwd", "train_fwd_bwd", "eval_fwd")]
     assert all("error" not in r and r["us_per_call_with_sync"] > 0 for r in rows), rows
+
+
+def test_case_timeout_is_not_swallowed_by_a_phase(monkeypatch):
+    """The per-case SIGALRM raises TimeoutError wherever the case is: the per-phase
+    handlers (which record other errors and go on) must pass it on, so that it ends the
+    case instead of one phase; the case is then recorded as timed out."""
+    monkeypatch.syspath_prepend(PERF)
+    import _gpu
+    import _shapes as S
+    import report
+
+    monkeypatch.setattr(_gpu, "DEVICE", "cpu")
+    bench = _gpu.Bencher(report.parse_args(["--profile", "none"]), dict(l2_bytes=1 << 20),
+                         None, lambda m: None)
+    bench.opts.phases = ("train_fwd", "bwd")
+    measured = []
+
+    def measure(row, *args):
+        measured.append(row["phase"])
+        raise TimeoutError("case took over 5 s")
+
+    monkeypatch.setattr(bench, "_measure", measure)
+    case = S.Case("bn1d", "tiny", (16, 4), "NC", "fp32")
+    rows, skipped, case_s = [], [], []
+    prog = types.SimpleNamespace(step=lambda msg: None)
+    _gpu._one_case(case, bench, time.perf_counter() + 60, case_s, rows, skipped, prog,
+                   types.SimpleNamespace(on_partial=None))
+    assert measured == ["train_fwd"]  # the timeout ended the case at its first phase
+    assert rows and all(r["phase"] == "all" and "over 5 s" in r["error"] for r in rows)
+
+
+def test_cases_reach_every_group_first(monkeypatch):
+    """A short budget still measures every kind of case: the first cases are one of each
+    group (family, dtype, layout, providers), then the rest."""
+    monkeypatch.syspath_prepend(PERF)
+    import _shapes as S
+
+    cases = S.gpu_cases()
+    groups = [(c.family, c.dtype, c.layout, c.providers) for c in cases]
+    n = len(set(groups))
+    assert len(set(groups[:n])) == n
+    assert sorted(cases, key=str) == sorted(S._one_of_each_first(cases), key=str)
