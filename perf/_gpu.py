@@ -11,6 +11,7 @@ Nothing here is ever estimated: a row carries what was measured, or an error / s
 """
 from __future__ import annotations
 
+import importlib
 import math
 import signal
 import statistics
@@ -347,10 +348,9 @@ def run(opts, log) -> dict:
     copy_gbps = summary["copy_bandwidth"].get("gbps")
     summary["host_overhead"] = host_overhead(500 if opts.quick else 2000)
     # Imported now, outside any case: a timeout inside a first import would leave the
-    # module half-loaded for the rest of the run.
-    import sympy  # noqa: F401  (autograd's first symbolic-shape use)
-    import torch.fx.experimental.symbolic_shapes  # noqa: F401
-    import torch.profiler  # noqa: F401
+    # module half-loaded for the rest of the run (sympy: autograd's first symbolic shape).
+    for module in ("sympy", "torch.fx.experimental.symbolic_shapes", "torch.profiler"):
+        importlib.import_module(module)
     cases = S.gpu_cases(opts.quick, opts.autotune, opts.compile)
     if P.apex_available():
         cases += [S.Case(c.family, c.name, c.shape, c.layout, "fp16", c.count, ("apex",))
