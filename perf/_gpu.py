@@ -154,15 +154,20 @@ def _graph_ms(build, n_calls: int, replays: int = 5) -> float:
     return statistics.median(times)
 
 
+class CaseTimeout(BaseException):
+    """Raised by _Alarm. Not an Exception: the handlers that record a phase's error and go
+    on (and any inside torch) do not catch it, so it ends the whole case, which _one_case
+    records as timed out."""
+
+
 class _Alarm:
-    """SIGALRM after ``seconds``: a TimeoutError that the per-phase handlers pass on (they
-    catch Exception), so it ends the whole case, which is recorded as timed out."""
+    """SIGALRM after ``seconds``: CaseTimeout."""
 
     def __init__(self, seconds):
         self.seconds = seconds
 
     def _fire(self, *a):
-        raise TimeoutError(f"case took over {self.seconds} s")
+        raise CaseTimeout(f"case took over {self.seconds} s")
 
     def __enter__(self):
         self.old = signal.signal(signal.SIGALRM, self._fire)
@@ -230,8 +235,6 @@ class Bencher:
             if prov.startswith("torch_compile"):
                 torch._dynamo.reset()
             m, fwd = P.make(prov, len(case.shape), case.shape[1], DEVICE, case.dtype, residual)
-        except TimeoutError:
-            raise
         except Exception as e:
             return [dict(base, phase=p, error=_msg(e)) for p in self.opts.phases]
         for phase in self.opts.phases:
@@ -240,8 +243,6 @@ class Bencher:
             try:
                 with P.provider_env(prov):
                     self._measure(row, case, prov, phase, m, fwd, xs, dys, ref, zs)
-            except TimeoutError:
-                raise
             except Exception as e:
                 row["error"] = _msg(e)
                 self.log(f"  {prov} {phase} {case.label}: {row['error']}")
@@ -276,8 +277,6 @@ class Bencher:
                 row["graph_calls"] = n
                 row["gbps_graph"] = row["min_bytes"] / g / 1e6
                 row["graph_l2_resident"] = row["rot_bytes"] <= self.info["l2_bytes"]
-            except TimeoutError:
-                raise
             except Exception as e:
                 row["graph_error"] = _msg(e)
         key = (prov, case.family, case.layout, case.dtype, phase)
@@ -292,8 +291,6 @@ class Bencher:
                 row["kernels"] = ";".join(sorted({_short(x) for x in names}))
                 if prov == "torch":
                     row["backend"] = _backend(names)
-            except TimeoutError:
-                raise
             except Exception as e:
                 row["profile_error"] = _msg(e)
 
@@ -389,7 +386,7 @@ def _one_case(case, bench, deadline, case_s, rows, skipped, prog, opts):
     try:
         with _Alarm(seconds):
             rows += bench.case_rows(case)
-    except Exception as e:  # out of memory, timeout ...
+    except (Exception, CaseTimeout) as e:  # out of memory, timeout ...
         rows += [dict(family=case.family, name=case.name, layout=case.layout,
                       shape="x".join(map(str, case.shape)), dtype=case.dtype,
                       provider=p, phase="all", error=_msg(e)) for p in case.providers]

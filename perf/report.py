@@ -124,6 +124,7 @@ def write_outputs(summary: dict, out_dir: str, gpu: bool, log) -> int:
         write_csv(summary["rows"], os.path.join(out_dir, "results.csv"))
     if summary.get("grid"):
         write_csv(summary["grid"], os.path.join(out_dir, "grid.csv"))
+
     def write_summary_and_report(plots):
         summary["plots"] = [os.path.basename(p) for p in plots]
         write_json(summary, os.path.join(out_dir, "summary.json"))

@@ -30,8 +30,8 @@ def runs_on_triton(input: Tensor) -> bool:
     """True when ``input`` is computed by the Triton kernels: CUDA tensors, and CPU tensors
     when the Triton interpreter is on (TRITON_INTERPRET=1 before import). Other inputs
     (CPU without the interpreter, float64, ...) fall back to torch's own BatchNorm, as do
-    calls recorded by torch.jit.trace (and so torch.onnx.export's TorchScript path),
-    whose graph can then hold aten::batch_norm instead of kernel launches."""
+    calls recorded by torch.jit.trace (and so torch.onnx.export(dynamo=False)), whose
+    graph can then hold aten::batch_norm instead of kernel launches."""
     if input.dtype not in KERNEL_DTYPES or torch.jit.is_tracing():
         return False
     return input.device.type == "cuda" or (input.device.type == "cpu" and INTERPRETED)
@@ -130,7 +130,7 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     nbt = num_batches_tracked if momentum is None else None
     transformed = torch._C._are_functorch_transforms_active()
     if ((transformed or forward_ad._current_level >= 0)
-            and _forward_mode_ad(input, weight, bias, residual)):
+            and _forward_mode_ad(transformed, input, weight, bias, residual)):
         # also when traced (torch.func.linearize): the custom ops have no jvp formula either
         return _by_torch(input, running_mean, running_var, weight, bias, training, momentum,
                          eps, nbt, relu, residual)
@@ -208,15 +208,16 @@ def _float_like(value) -> bool:
                                                and isinstance(value, numbers.Real))
 
 
-def _forward_mode_ad(*tensors) -> bool:
+def _forward_mode_ad(transformed: bool, *tensors) -> bool:
     """Whether a tangent may flow through this call: a dual tensor of
-    torch.autograd.forward_ad, or torch.func.jvp (jacfwd, hessian) on the transform
-    stack. The kernels' autograd Functions define no jvp. (The caller first checks that a
-    forward-AD level or a transform is active at all: the common case costs no call.)"""
+    torch.autograd.forward_ad, or (``transformed``: torch.func transforms are active)
+    torch.func.jvp (jacfwd, hessian) on the transform stack. The kernels' autograd
+    Functions define no jvp. (The caller first checks that a forward-AD level or a
+    transform is active at all: the common case costs no call.)"""
     if forward_ad._current_level >= 0 and any(
             t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         return True
-    return torch._C._are_functorch_transforms_active() and any(
+    return transformed and any(
         i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
 
 

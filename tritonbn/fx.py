@@ -70,8 +70,8 @@ def fuse_relu_traced(model: nn.Module, add: bool = True) -> fx.GraphModule:
     alone, as is one whose output is also used elsewhere. Models that torch.fx cannot trace
     raise its error."""
     convert_model(model)
-    gm = _adopt_model_state(fx.GraphModule(model, _Tracer().trace(model), type(model).__name__),
-                          model)
+    traced = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
+    gm = _adopt_model_state(traced, model)
     modules = dict(gm.named_modules())
     calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
 

@@ -217,19 +217,25 @@ def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
     if fuse_relu:
         places = collections.Counter(
             id(m) for _, m in module.named_modules(remove_duplicate=False))
-        for seq in module.modules():
-            if not isinstance(seq, nn.Sequential):
-                continue
+        for seq, bn, second in _sequential_pairs(module):
+            relu = seq._modules[second]
+            if type(relu) is nn.ReLU and places[id(bn)] == 1 and _take_relu(bn):
+                identity = nn.Identity().train(relu.training)
+                # the ReLU it stands for, for revert_model (an attribute, not a child)
+                identity.__dict__["replaced_relu"] = relu
+                seq._modules[second] = identity
+    return module
+
+
+def _sequential_pairs(module: nn.Module):
+    """(Sequential, a child, the name of the child after it) for every adjacent pair in
+    every nn.Sequential of ``module``: where convert_model fuses a ReLU into the layer
+    before it, and revert_model puts it back."""
+    for seq in module.modules():
+        if isinstance(seq, nn.Sequential):
             names = list(seq._modules)
             for first, second in zip(names, names[1:]):
-                bn = seq._modules[first]
-                relu = seq._modules[second]
-                if type(relu) is nn.ReLU and places[id(bn)] == 1 and _take_relu(bn):
-                    identity = nn.Identity().train(relu.training)
-                    # the ReLU it stands for, for revert_model (an attribute, not a child)
-                    identity.__dict__["replaced_relu"] = relu
-                    seq._modules[second] = identity
-    return module
+                yield seq, seq._modules[first], second
 
 
 def revert_model(module: nn.Module) -> nn.Module:
@@ -245,11 +251,9 @@ def revert_model(module: nn.Module) -> nn.Module:
     becomes ``bn(x) + z`` and a fused ReLU a ``relu`` call after it. A fused ReLU or
     residual whose Sequential or graph is not inside ``module`` (a part of a traced model,
     a flag set by hand) cannot be undone from here: ValueError, before anything changes."""
-    relus_back = [(seq, name, seq._modules[first]) for seq in module.modules()
-                  if isinstance(seq, nn.Sequential)
-                  for first, name in zip(list(seq._modules), list(seq._modules)[1:])
+    relus_back = [(seq, name, layer) for seq, layer, name in _sequential_pairs(module)
                   if "replaced_relu" in seq._modules[name].__dict__
-                  and getattr(seq._modules[first], "fused_relu", False)]
+                  and getattr(layer, "fused_relu", False)]
     in_sequences = {id(layer) for _, _, layer in relus_back}
     graphs = [m for m in module.modules() if isinstance(m, fx.GraphModule)]
     in_graphs = {id(gm.get_submodule(n.target)) for gm in graphs for n in gm.graph.nodes

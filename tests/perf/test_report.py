@@ -158,7 +158,7 @@ def test_gpu_host_overhead_on_cpu(monkeypatch):
 
 
 def test_case_timeout_is_not_swallowed_by_a_phase(monkeypatch):
-    """The per-case SIGALRM raises TimeoutError wherever the case is: the per-phase
+    """The per-case SIGALRM raises CaseTimeout wherever the case is: the per-phase
     handlers (which record other errors and go on) must pass it on, so that it ends the
     case instead of one phase; the case is then recorded as timed out."""
     monkeypatch.syspath_prepend(PERF)
@@ -174,7 +174,7 @@ def test_case_timeout_is_not_swallowed_by_a_phase(monkeypatch):
 
     def measure(row, *args):
         measured.append(row["phase"])
-        raise TimeoutError("case took over 5 s")
+        raise _gpu.CaseTimeout("case took over 5 s")
 
     monkeypatch.setattr(bench, "_measure", measure)
     case = S.Case("bn1d", "tiny", (16, 4), "NC", "fp32")
