@@ -162,13 +162,16 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
         raise NotImplementedError(
             "tritonbn: forward-mode AD (torch.autograd.forward_ad) inside torch.compile: the "
             "custom ops have no forward-mode formula; call the model eagerly there")
-    mean, stat = running_mean, running_var
+    if transformed:
+        raise NotImplementedError(
+            "tritonbn: torch.func transforms (grad, vjp, vmap, ...) inside torch.compile, "
+            "torch.export or make_fx: tracing cannot go through the custom ops' autograd "
+            "under a transform; run the transform eagerly")
     if training:
-        # detach: the gradient through the statistics is in batch_norm_apply's backward.
-        mean, stat = torch.ops.tritonbn.batch_norm_stats(input.detach(), running_mean,
-                                                         running_var, nbt, momentum, eps)
-    return torch.ops.tritonbn.batch_norm_apply(input, weight, bias, mean, stat, training, eps,
-                                               relu, residual)
+        return _ops.TracedTrain.apply(input, weight, bias, running_mean, running_var, nbt,
+                                      momentum, eps, relu, residual)
+    return torch.ops.tritonbn.batch_norm_apply(input, weight, bias, running_mean, running_var,
+                                               False, eps, relu, residual)
 
 
 _HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE
@@ -213,11 +216,12 @@ def _forward_mode_ad(transformed: bool, *tensors) -> bool:
     torch.autograd.forward_ad, or (``transformed``: torch.func transforms are active)
     torch.func.jvp (jacfwd, hessian) on the transform stack. The kernels' autograd
     Functions define no jvp. (The caller first checks that a forward-AD level or a
-    transform is active at all: the common case costs no call.)"""
+    transform is active at all: the common case costs no call.) Under torch.compile,
+    where Dynamo cannot read the transform stack, dual tensors only."""
     if forward_ad._current_level >= 0 and any(
             t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         return True
-    return transformed and any(
+    return transformed and not torch.compiler.is_compiling() and any(
         i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
 
 

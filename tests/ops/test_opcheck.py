@@ -4,7 +4,7 @@ opcheck runs each op for real and checks: the schema (declared mutations and ali
 what the op does), the autograd registration, the fake (meta) implementation against the
 real outputs (shapes, dtypes, strides), and tracing through AOTAutograd with dynamic shapes.
 The inputs cover training (momentum float / None with num_batches_tracked / no running
-statistics), eval, no weight/bias, channels_last, 2-D input, reduced-precision input with
+statistics; batch_norm_train on both kernel paths), eval, no weight/bias, channels_last, 2-D input, reduced-precision input with
 fp32 parameters, and an empty batch.
 """
 import pytest
@@ -74,6 +74,41 @@ def test_opcheck_batch_norm_stats_empty_batch(device):
     x = torch.randn(0, 3, 4, device=device)
     rm, rv = _running(device, 3)
     _check(ops.batch_norm_stats.default, (x, rm, rv, None, 0.1, EPS))
+
+
+@pytest.mark.parametrize("kernel_path", ["single_pass", "split"], indirect=True)
+@pytest.mark.parametrize("layout,mode", STATS_CASES,
+                         ids=[f"{c[0][0]}-{c[1]}" for c in STATS_CASES])
+def test_opcheck_batch_norm_train(device, layout, mode, kernel_path):
+    """The whole training forward (output, statistics, running-stat update) on either
+    kernel path: one single-pass launch, or statistics then apply."""
+    _, shape, dtype, cl = layout
+    x = _input(device, shape, dtype, cl)
+    C = shape[1]
+    w, b = torch.randn(C, device=device), torch.randn(C, device=device)
+    rm, rv = _running(device, C)
+    if mode == "momentum":
+        running = (rm, rv, None, 0.1)
+    elif mode == "cumulative":
+        running = (rm, rv, torch.tensor(3, dtype=torch.long, device=device), None)
+    else:
+        running = (None, None, None, 0.1)
+    _check(ops.batch_norm_train.default, (x, w, b, *running, EPS))
+
+
+@pytest.mark.parametrize("kernel_path", ["single_pass", "split"], indirect=True)
+def test_opcheck_batch_norm_train_epilogues(device, kernel_path):
+    """ReLU and a contiguous residual with a channels_last input; no weight and bias."""
+    _, shape, dtype, cl = LAYOUTS[2]
+    x, z = _input(device, shape, dtype, cl), _input(device, shape, dtype)
+    rm, rv = _running(device, shape[1])
+    _check(ops.batch_norm_train.default, (x, None, None, rm, rv, None, 0.1, EPS, True, z))
+
+
+def test_opcheck_batch_norm_train_empty_batch(device):
+    x = torch.randn(0, 3, 4, device=device)
+    rm, rv = _running(device, 3)
+    _check(ops.batch_norm_train.default, (x, None, None, rm, rv, None, 0.1, EPS))
 
 
 # (layout, training, affine): every layout with weight and bias; no weight/bias on one.

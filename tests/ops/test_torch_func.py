@@ -334,3 +334,48 @@ def test_forward_mode_ad_under_compile_raises():
     with torch.autograd.forward_ad.dual_level():
         with pytest.raises(Exception, match="forward-mode AD"):
             compiled(torch.autograd.forward_ad.make_dual(x, tx))
+
+
+@pytest.mark.parametrize("tracer", ["compile", "make_fx"])
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_func_transform_under_tracing_raises(training, transform, tracer):
+    """torch.func.grad or vmap inside torch.compile or make_fx is a known limit (README):
+    tracing cannot go through the custom ops' autograd under a transform. A clear error,
+    not torch's internal one; jvp there works through the dual tensors (computed by
+    torch)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch._dynamo.reset()
+    x, (w, _, rm, rv) = make_tensor(SHAPE), make_params(SHAPE[1])
+
+    def loss(w):
+        return tritonbn.batch_norm(x, rm, rv, w, None, training).square().sum()
+
+    if transform == "grad":
+        fn, arg = torch.func.grad(loss), w
+    else:
+        fn, arg = torch.func.vmap(lambda w: loss(w)), torch.stack([w, w])
+    traced = (torch.compile(fn, backend="aot_eager", fullgraph=True) if tracer == "compile"
+              else lambda arg: make_fx(fn)(arg))
+    with pytest.raises(Exception, match="torch.func transforms"):  # Dynamo wraps it
+        traced(arg)
+    torch._dynamo.reset()
+
+
+def test_jvp_under_compile_matches_torch():
+    """torch.func.jvp inside torch.compile: the input's tangent is seen as a dual tensor, and
+    torch's BatchNorm computes the call, as in eager mode."""
+    torch._dynamo.reset()
+    x, tx = make_tensor(SHAPE), make_tensor(SHAPE)
+
+    def jvp(fn, dtype):
+        return torch.func.jvp(lambda x: fn(x, None, None, None, None, True),
+                              (x.to(dtype),), (tx.to(dtype),))
+
+    got = torch.compile(lambda: jvp(tritonbn.batch_norm, torch.float32),
+                        backend="aot_eager", fullgraph=True)()
+    ref = jvp(torch.nn.functional.batch_norm, torch.float64)
+    for name, g, r in zip(("output", "tangent"), got, ref):
+        assert_within_largest(g, r, name)
+    torch._dynamo.reset()

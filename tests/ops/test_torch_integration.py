@@ -34,8 +34,10 @@ from tritonbn.functional import runs_on_triton
 HAS_CUDA = torch.cuda.is_available()
 HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
+TRAIN_OP = "tritonbn.batch_norm_train"
 STATS_OP = "tritonbn.batch_norm_stats"
 APPLY_OP = "tritonbn.batch_norm_apply"
+BACKWARD_OP = "tritonbn.batch_norm_backward"
 
 
 # --------------------------------------------------------------------------- helpers ----
@@ -132,7 +134,10 @@ class Recorder:
         return self.backend(gm, example_inputs)
 
     def op_count(self, graph_index: int, name: str) -> int:
-        return sum(1 for n in self.graphs[graph_index].graph.nodes
+        """Calls of ``name`` in the graph and its subgraphs (Dynamo puts an autograd
+        Function's forward and backward in subgraphs of its autograd_function_apply)."""
+        return sum(1 for m in self.graphs[graph_index].modules()
+                   if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
                    if n.op == "call_function" and name in str(n.target))
 
 
@@ -197,8 +202,11 @@ def _compile_vs_eager(device, backend, momentum, channels_last=False, n_steps=3)
     assert_no_graph_break()
     assert len(rec.graphs) == 2  # one training graph, one eval graph: no recompilation
     train, evl = 0, 1
-    assert rec.op_count(train, STATS_OP) == 4 and rec.op_count(train, APPLY_OP) == 4
-    assert rec.op_count(evl, STATS_OP) == 0 and rec.op_count(evl, APPLY_OP) == 4
+    # training: one batch_norm_train per layer (the single-pass kernel where eager takes
+    # it), and the kernels' backward op, not differentiable_backward's torch operations
+    assert [rec.op_count(train, op) for op in (TRAIN_OP, STATS_OP, APPLY_OP, BACKWARD_OP)] \
+        == [4, 0, 0, 4]
+    assert [rec.op_count(evl, op) for op in (TRAIN_OP, STATS_OP, APPLY_OP)] == [0, 0, 4]
     return rec
 
 
@@ -234,6 +242,23 @@ def test_compile_dynamic_batch(device, dynamo):
     assert len(rec.graphs) == 2
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_launches_what_eager_launches(device, dynamo, kernel_launches, backend):
+    """A compiled training step runs the kernels an eager one runs: Net's layers fit the
+    single-pass kernel, so one launch per layer forward and one backward, in both."""
+    if backend == "inductor" and not HAS_CUDA and not HAS_CXX:
+        pytest.skip("Inductor on CPU needs a C++ compiler")
+    _, model = make_pair(0.1, device)
+    compiled = torch.compile(copy.deepcopy(model), backend=backend, fullgraph=True)
+    x = make_inputs(1, device)[0]
+    launches = []
+    for m in (model, compiled, compiled):  # the first compiled step traces and compiles
+        kernel_launches.clear()
+        m(x).sum().backward()
+        launches.append(dict(kernel_launches))
+    assert launches[0] == launches[2] == {"bn_fused_kernel": 8}, launches
+
+
 @pytest.mark.parametrize("momentum", [0.1, 0.0])
 def test_compile_functional(device, dynamo, momentum):
     """tritonbn.batch_norm (the functional API) under fullgraph compile, training and eval.
@@ -256,7 +281,7 @@ def test_compile_functional(device, dynamo, momentum):
         torch.testing.assert_close(rm_c, rm_e, **TOL)
         torch.testing.assert_close(rv_c, rv_e, **TOL)
     assert_no_graph_break()
-    assert rec.op_count(0, STATS_OP) == 1
+    assert rec.op_count(0, TRAIN_OP) == 1
 
 
 # -------------------------------------------------------------------------- autocast ----
@@ -535,6 +560,7 @@ def test_export_training_mode(device):
     eager = copy.deepcopy(model)
     x = torch.randn(4, 3, 4, 4, device=device)
     ep = torch.export.export(copy.deepcopy(model), (x,))
+    assert sum(TRAIN_OP in t for t in _op_targets(ep)) == 4
     exported = ep.module()
     for _ in range(2):
         inp = torch.randn_like(x)

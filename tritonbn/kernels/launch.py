@@ -406,7 +406,9 @@ def launch_fused_forward(x, out, geom, weight, bias, running_mean, running_var,
     ``residual``: of y + residual) and returns the batch (mean, invstd), fp32 [C]; updates
     running stats in place."""
     device = x.device
-    mean, invstd = torch.empty((2, geom.channels), dtype=torch.float32, device=device).unbind()
+    # two allocations, not views of one: the outputs of a custom op may not alias
+    mean = torch.empty(geom.channels, dtype=torch.float32, device=device)
+    invstd = torch.empty(geom.channels, dtype=torch.float32, device=device)
     dummy = _dummy(device)
     dense, run_ptrs, momentum, run_flags = _running_update(
         running_mean, running_var, num_batches_tracked, momentum, device)

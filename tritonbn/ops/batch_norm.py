@@ -1,19 +1,23 @@
 """BatchNorm as PyTorch custom operators backed by the Triton kernels.
 
-    tritonbn::batch_norm_stats     batch mean/invstd + running-stat update (1 launch)
+    tritonbn::batch_norm_train     training forward: output, batch mean/invstd and the
+                                   running-stat update (1 single-pass launch where the
+                                   shape fits, fused.py, else stats + apply: 2 launches)
+    tritonbn::batch_norm_stats     batch mean/invstd + running-stat update (1 launch):
+                                   batch_norm_train's first half, an op of its own for
+                                   compositions and for programs exported before it
     tritonbn::batch_norm_apply     normalize + affine (1 launch), differentiable
     tritonbn::batch_norm_backward  gradient statistics + grad_input (2 launches, or 1
-                                   single-pass launch where the shape fits, fused.py)
+                                   single-pass launch where the shape fits)
 
-Training forward = stats + apply (2 launches), eval forward = apply alone (1 launch). In
-plain eager mode, EagerTrain runs the whole training forward as one autograd node, one
-single-pass launch where the shape fits.
-Registered with ``torch.library.custom_op`` (fake implementations included) so that
-torch.compile(fullgraph=True) and torch.export treat them as opaque nodes. A custom op that
-mutates its arguments cannot carry an autograd formula, hence the split: the mutating
-statistics op is not differentiable, and the backward of ``batch_norm_apply`` with
-``batch_stats=True`` is the full BatchNorm gradient, including the path through mean and
-invstd.
+Eval forward = apply alone (1 launch). Registered with ``torch.library.custom_op`` (fake
+implementations included) so that torch.compile(fullgraph=True) and torch.export treat them
+as opaque nodes. A custom op that mutates its arguments cannot carry an autograd formula:
+batch_norm_train and batch_norm_stats are not differentiable, and the autograd Functions
+below (EagerTrain in eager mode, TracedTrain under tracing, which Dynamo and torch.export
+trace through) give the training forward its gradient: the backward of
+``batch_norm_apply`` with ``batch_stats=True``, the full BatchNorm gradient including the
+path through mean and invstd.
 
 Not ``torch.library.triton_op``: its body is traced with FakeTensors, which the Triton
 interpreter (CPU runs) cannot launch; and Inductor does not fuse into user-defined Triton
@@ -255,12 +259,13 @@ def _backward(ctx, grad_output, backward_fn=None):
     input, weight, bias, mean, stat, residual = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2]]
-    if input.numel() != 0 and (torch.is_grad_enabled()
-                               or torch._C._functorch.is_legacy_batchedtensor(grad_output)):
+    if input.numel() != 0 and not torch.compiler.is_compiling() and (
+            torch.is_grad_enabled() or torch._C._functorch.is_legacy_batchedtensor(grad_output)):
         # create_graph=True (see differentiable_backward's docstring), or a backward run
         # under autograd's own vmap (autograd.grad's is_grads_batched,
         # jacobian(vectorize=True)): torch operations, which autograd can differentiate
-        # and vmap can batch
+        # and vmap can batch. (Neither exists in a graph Dynamo traces: the backward it
+        # traces is TracedTrain's, and its second check is no operation Dynamo can trace.)
         backward_fn = differentiable_backward
     backward_fn = backward_fn or torch.ops.tritonbn.batch_norm_backward
     grad_input, grad_weight, grad_bias, grad_residual = backward_fn(
@@ -320,8 +325,18 @@ class FuncApply(EagerApply):
         return _unfold_input(out, B), 0
 
 
-def train_forward_impl(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                       momentum, eps, relu=False, residual=None):
+def train_forward_impl(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+    relu: bool = False,
+    residual: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Training forward (batch statistics): (output, mean, invstd). One single-pass launch
     where the shape fits it (kernels/fused.py), else batch_norm_stats' and
     batch_norm_apply's implementations (two launches). ``residual``: output + residual;
@@ -341,18 +356,36 @@ def train_forward_impl(input, weight, bias, running_mean, running_var, num_batch
     return output, mean, invstd
 
 
+batch_norm_train = torch.library.custom_op(
+    "tritonbn::batch_norm_train", mutates_args=("running_mean", "running_var"), tags=_TAGS
+)(train_forward_impl)
+
+
+@batch_norm_train.register_fake
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+      relu=False, residual=None):
+    C = input.shape[1]
+    return (torch.empty_like(input), input.new_empty(C, dtype=torch.float32),
+            input.new_empty(C, dtype=torch.float32))
+
+
 def _save_train(ctx, inputs, output, mean, invstd):
     """Saved state of a training forward: batch_norm_apply's with batch_stats=True."""
     input, weight, bias, _, _, _, _, eps, relu, residual = inputs
     _setup_context(ctx, (input, weight, bias, mean, invstd, True, eps, relu, residual), output)
 
 
+def _train_grads(ctx, grad_output, backward_fn=None):
+    """Gradients of the training forward's ten arguments: input, weight, bias and the
+    residual's, from batch_norm_apply's backward."""
+    grads = _backward(ctx, grad_output, backward_fn)
+    return (*grads[:3], None, None, None, None, None, None, grads[-1])
+
+
 class EagerTrain(torch.autograd.Function):
     """Training forward in plain eager mode: statistics, running-stat update and output in
-    one autograd node, so shapes that fit the single-pass kernel take one launch. (A custom
-    op cannot both mutate its arguments and carry an autograd formula, so torch.compile and
-    torch.export see batch_norm_stats + batch_norm_apply instead.) Saved tensors and
-    backward are those of batch_norm_apply with batch_stats=True."""
+    one autograd node, so shapes that fit the single-pass kernel take one launch. Saved
+    tensors and backward are those of batch_norm_apply with batch_stats=True."""
 
     @staticmethod
     def forward(ctx, *inputs):
@@ -362,8 +395,23 @@ class EagerTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *_grad_stats):
-        grads = _backward(ctx, grad_output, backward_impl)
-        return (*grads[:3], None, None, None, None, None, None, grads[-1])
+        return _train_grads(ctx, grad_output, backward_impl)
+
+
+class TracedTrain(EagerTrain):
+    """EagerTrain for torch.compile, torch.export and dispatch modes: the same node made of
+    the custom ops (batch_norm_train, batch_norm_backward), which Dynamo and the exporters
+    trace through. Compiled code thus takes the single-pass kernel where eager does."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output, mean, invstd = torch.ops.tritonbn.batch_norm_train(*inputs)
+        _save_train(ctx, inputs, output, mean, invstd)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output, *_grad_stats):
+        return _train_grads(ctx, grad_output)
 
 
 class FuncTrain(EagerTrain):
