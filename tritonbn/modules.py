@@ -32,22 +32,7 @@ class _TritonBatchNorm:
 
     def forward(self, input: Tensor, residual=None) -> Tensor:
         if isinstance(input, fx.Proxy):
-            # torch.fx tracing (symbolic_trace and the tools built on it): one call of this
-            # layer in the graph, as fx records torch's own BatchNorm, rather than this
-            # method's branches on a Proxy (which fx cannot trace). fx steps into layers
-            # outside torch.nn through __call__, so hooks would be traced too and then run
-            # again by the call: refused.
-            if (self._forward_hooks or self._forward_pre_hooks
-                    or _module_hooks._global_forward_hooks
-                    or _module_hooks._global_forward_pre_hooks):
-                raise RuntimeError(
-                    "torch.fx tracing a tritonbn layer with forward hooks: they would be "
-                    "recorded in the graph and run again by the layer's call; trace "
-                    "tritonbn.revert_model(model), or with a Tracer whose is_leaf_module "
-                    "is True for tritonbn's layers")
-            args = (input,) if residual is None else (input, residual)
-            return input.tracer.create_proxy(
-                "call_module", input.tracer.path_of_module(self), args, {})
+            return _fx_call(self, (input,) if residual is None else (input, residual))
         if not self._runs_on_kernels(input):
             output = super().forward(input)
         else:
@@ -138,8 +123,34 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
         return convert_model(nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group))
 
 
+def _fx_call(layer: nn.Module, args: tuple, own_hooks: tuple = ()) -> fx.Proxy:
+    """Under torch.fx tracing (symbolic_trace and the tools built on it): one call of
+    ``layer`` in the graph, as fx records torch's own BatchNorm, rather than the layer's
+    branches on a Proxy (which fx cannot trace). fx steps into layers outside torch.nn
+    through __call__, so hooks would be traced too and then run again by the call: refused
+    (``own_hooks``: the ids of pre-hooks that are the layer's own machinery)."""
+    if (layer._forward_hooks or set(layer._forward_pre_hooks) - set(own_hooks)
+            or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks):
+        raise RuntimeError(
+            "torch.fx tracing a tritonbn layer with forward hooks: they would be recorded in "
+            "the graph and run again by the layer's call; trace tritonbn.revert_model(model), "
+            "or with a Tracer whose is_leaf_module is True for tritonbn's layers")
+    tracer = args[0].tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(layer), args, {})
+
+
 class _LazyTritonBatchNorm:
     """Mixin of the lazy layers: their first call runs the class they become."""
+
+    def _call_impl(self, *args, **kwargs):
+        # torch.fx tracing: a Proxy has no shape for the lazy pre-hook to infer from. The
+        # layer stays lazy and is recorded as one call, as fx records torch's lazy layers,
+        # and the traced model initialises it on its first real input. (Here, not in a
+        # method the pre-hook calls: a converted layer's hook is torch's, bound when the
+        # layer was built.)
+        if args and isinstance(args[0], fx.Proxy):
+            return _fx_call(self, args, (self._initialize_hook.id,))
+        return super()._call_impl(*args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:
         # nn.Module.__call__ binds forward before the pre-hook that sets num_features and

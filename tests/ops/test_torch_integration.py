@@ -608,6 +608,34 @@ def test_fx_symbolic_trace_refuses_layers_with_hooks(device):
         torch.fx.symbolic_trace(model)
 
 
+def test_fx_symbolic_trace_of_uninitialised_lazy_layers(device, kernel_launches):
+    """Lazy layers not yet initialised: fx records each as one call, as it records torch's
+    (a Proxy has no shape to initialise them from), and the traced model initialises them
+    on its first input, into tritonbn's BatchNorm: the same outputs and running statistics
+    as torch's traced lazy model, with the kernels. A hook other than the lazy one is
+    refused, as on the other layers."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d(), nn.ReLU(),
+                             nn.Flatten(), nn.LazyBatchNorm1d()).to(device)
+
+    ref, model = torch.fx.symbolic_trace(make()), torch.fx.symbolic_trace(
+        tritonbn.convert_model(make()))
+    assert [n.op for n in model.graph.nodes].count("call_module") == 5
+    for x in make_inputs(2, device):
+        kernel_launches.clear()
+        torch.testing.assert_close(model(x), ref(x), **SAME)
+        assert kernel_launches
+    assert type(model.get_submodule("1")) is tritonbn.BatchNorm2d
+    assert type(model.get_submodule("4")) is tritonbn.BatchNorm1d
+    assert_state_equal(model, ref, **SAME)
+
+    hooked = tritonbn.convert_model(make())
+    hooked[1].register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(RuntimeError, match="forward hooks"):
+        torch.fx.symbolic_trace(hooked)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_jit_trace_records_torch_batch_norm(device, training):
     """torch.jit.trace of a converted model records aten::batch_norm (the kernels'
