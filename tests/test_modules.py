@@ -15,6 +15,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import tritonbn
@@ -358,6 +359,20 @@ def test_state_dict_interchangeable(dims):
         assert torch.equal(back.state_dict()[name], t), name
     assert isinstance(kernel_mod, TORCH_CLASSES[dims])
     assert repr(kernel_mod) == repr(torch_mod)
+
+
+def test_lazy_layer_compiled_with_module_compile():
+    """Module.compile keeps the layer's bound call, which outlives the lazy layer's switch
+    to its class: the second call must still work, as torch's lazy layer's does."""
+    torch._dynamo.reset()
+    layer = tritonbn.LazyBatchNorm2d(device=DEVICE)
+    layer.compile(backend="aot_eager")
+    x = make_tensor((4, 3, 2, 2))
+    for _ in range(2):
+        torch.testing.assert_close(layer(x), F.batch_norm(x, None, None, training=True),
+                                   rtol=1e-5, atol=1e-5)
+    assert type(layer) is tritonbn.BatchNorm2d
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("lazy_cls,shape,becomes", [

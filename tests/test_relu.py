@@ -353,6 +353,24 @@ def test_revert_model_restores_torch_layers_and_relus():
         torch.testing.assert_close(gm(x6), torch_block(x6), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["convert_then_trace", "fuse_relu_traced"])
+def test_revert_model_gives_an_uninitialised_lazy_layer_its_relu_back(how):
+    """A lazy layer that took a ReLU and was traced before its first input: revert_model
+    puts the ReLU back into the graph, so the reverted model still applies it."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d(), nn.ReLU()).to(DEVICE)
+
+    if how == "convert_then_trace":
+        gm = torch.fx.symbolic_trace(tritonbn.convert_model(make(), fuse_relu=True))
+    else:
+        gm = tritonbn.fuse_relu_traced(make())
+    gm = tritonbn.revert_model(gm)
+    x = make_tensor((2, 3, 4, 5))
+    torch.testing.assert_close(gm(x), make()(x), rtol=1e-5, atol=1e-5)
+    assert type(gm.get_submodule("1")) is nn.BatchNorm2d
+
+
 class _OwnIdentity(nn.Module):
     """A Sequential whose Identity is the model's own, after a layer fused by tracing."""
 

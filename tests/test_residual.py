@@ -260,7 +260,7 @@ def test_residual_under_compile_and_func():
     through torch.func.vjp: both give eager's outputs and gradients."""
     eager, compiled = eager_and_compiled(tritonbn.fuse_relu_traced(_Bottleneck().to(DEVICE)),
                                          make_tensor((2, 6, 4, 5)))
-    # Compiled code runs eager's kernels (TracedTrain), so the same bits; on a GPU the
+    # Compiled code runs eager's kernels (batch_norm_train), so the same bits; on a GPU the
     # convolutions' weight gradients may add in another order from one call to the next.
     tol = dict(rtol=0, atol=0) if DEVICE == "cpu" else dict(rtol=1e-4, atol=1e-5)
     for got, ref in zip(compiled, eager):

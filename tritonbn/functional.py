@@ -162,16 +162,22 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
         raise NotImplementedError(
             "tritonbn: forward-mode AD (torch.autograd.forward_ad) inside torch.compile: the "
             "custom ops have no forward-mode formula; call the model eagerly there")
-    if transformed:
+    if training and not transformed:
+        return torch.ops.tritonbn.batch_norm_train(input, weight, bias, running_mean,
+                                                   running_var, nbt, momentum, eps, relu,
+                                                   residual)[0]
+    if transformed and torch.compiler.is_compiling():
         raise NotImplementedError(
-            "tritonbn: torch.func transforms (grad, vjp, vmap, ...) inside torch.compile, "
-            "torch.export or make_fx: tracing cannot go through the custom ops' autograd "
-            "under a transform; run the transform eagerly")
-    if training:
-        return _ops.TracedTrain.apply(input, weight, bias, running_mean, running_var, nbt,
-                                      momentum, eps, relu, residual)
-    return torch.ops.tritonbn.batch_norm_apply(input, weight, bias, running_mean, running_var,
-                                               False, eps, relu, residual)
+            "tritonbn: torch.func transforms (grad, vjp, vmap, ...) inside torch.compile: "
+            "Dynamo cannot trace the custom ops' autograd under a transform; run the "
+            "transform eagerly")
+    mean, stat = running_mean, running_var
+    if training:  # make_fx of a transform: batch_norm_apply's own autograd formula
+        # detach: the gradient through the statistics is in batch_norm_apply's backward.
+        mean, stat = torch.ops.tritonbn.batch_norm_stats(input.detach(), running_mean,
+                                                         running_var, nbt, momentum, eps)
+    return torch.ops.tritonbn.batch_norm_apply(input, weight, bias, mean, stat, training, eps,
+                                               relu, residual)
 
 
 _HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE

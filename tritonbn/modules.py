@@ -148,9 +148,12 @@ class _LazyTritonBatchNorm:
         # and the traced model initialises it on its first real input. (Here, not in a
         # method the pre-hook calls: a converted layer's hook is torch's, bound when the
         # layer was built.)
-        if args and isinstance(args[0], fx.Proxy):
-            return _fx_call(self, args, (self._initialize_hook.id,))
-        return super()._call_impl(*args, **kwargs)
+        # nn.Module._call_impl by name, not super(): Module.compile keeps this bound
+        # method, which outlives the class switch to cls_to_become
+        input = args[0] if args else kwargs.get("input")
+        if isinstance(input, fx.Proxy):
+            return _fx_call(self, (input,), (self._initialize_hook.id,))
+        return nn.Module._call_impl(self, *args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:
         # nn.Module.__call__ binds forward before the pre-hook that sets num_features and
@@ -304,7 +307,7 @@ def _unfuse_graph(gm: fx.GraphModule, relu_restored: set) -> None:
         if node.op != "call_module":
             continue
         layer = gm.get_submodule(node.target)
-        if not isinstance(layer, _TritonBatchNorm):
+        if not isinstance(layer, (_TritonBatchNorm, _LazyTritonBatchNorm)):
             continue
         relu = layer.fused_relu and id(layer) not in relu_restored
         if len(node.args) < 2 and not relu:

@@ -4,8 +4,8 @@ opcheck runs each op for real and checks: the schema (declared mutations and ali
 what the op does), the autograd registration, the fake (meta) implementation against the
 real outputs (shapes, dtypes, strides), and tracing through AOTAutograd with dynamic shapes.
 The inputs cover training (momentum float / None with num_batches_tracked / no running
-statistics; batch_norm_train on both kernel paths), eval, no weight/bias, channels_last, 2-D input, reduced-precision input with
-fp32 parameters, and an empty batch.
+statistics; batch_norm_train on both kernel paths), eval, no weight/bias, channels_last,
+2-D input, reduced-precision input with fp32 parameters, and an empty batch.
 """
 import pytest
 import torch
@@ -81,11 +81,12 @@ def test_opcheck_batch_norm_stats_empty_batch(device):
                          ids=[f"{c[0][0]}-{c[1]}" for c in STATS_CASES])
 def test_opcheck_batch_norm_train(device, layout, mode, kernel_path):
     """The whole training forward (output, statistics, running-stat update) on either
-    kernel path: one single-pass launch, or statistics then apply."""
+    kernel path: one single-pass launch, or statistics then apply; differentiable."""
     _, shape, dtype, cl = layout
-    x = _input(device, shape, dtype, cl)
+    x = _input(device, shape, dtype, cl, requires_grad=True)
     C = shape[1]
-    w, b = torch.randn(C, device=device), torch.randn(C, device=device)
+    w = torch.randn(C, device=device, requires_grad=True)
+    b = torch.randn(C, device=device, requires_grad=True)
     rm, rv = _running(device, C)
     if mode == "momentum":
         running = (rm, rv, None, 0.1)
@@ -100,7 +101,8 @@ def test_opcheck_batch_norm_train(device, layout, mode, kernel_path):
 def test_opcheck_batch_norm_train_epilogues(device, kernel_path):
     """ReLU and a contiguous residual with a channels_last input; no weight and bias."""
     _, shape, dtype, cl = LAYOUTS[2]
-    x, z = _input(device, shape, dtype, cl), _input(device, shape, dtype)
+    x = _input(device, shape, dtype, cl, requires_grad=True)
+    z = _input(device, shape, dtype, requires_grad=True)
     rm, rv = _running(device, shape[1])
     _check(ops.batch_norm_train.default, (x, None, None, rm, rv, None, 0.1, EPS, True, z))
 

@@ -24,6 +24,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.backends.registry import lookup_backend
 from torch._dynamo.utils import counters
@@ -37,7 +38,6 @@ HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 TRAIN_OP = "tritonbn.batch_norm_train"
 STATS_OP = "tritonbn.batch_norm_stats"
 APPLY_OP = "tritonbn.batch_norm_apply"
-BACKWARD_OP = "tritonbn.batch_norm_backward"
 
 
 # --------------------------------------------------------------------------- helpers ----
@@ -134,10 +134,7 @@ class Recorder:
         return self.backend(gm, example_inputs)
 
     def op_count(self, graph_index: int, name: str) -> int:
-        """Calls of ``name`` in the graph and its subgraphs (Dynamo puts an autograd
-        Function's forward and backward in subgraphs of its autograd_function_apply)."""
-        return sum(1 for m in self.graphs[graph_index].modules()
-                   if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
+        return sum(1 for n in self.graphs[graph_index].graph.nodes
                    if n.op == "call_function" and name in str(n.target))
 
 
@@ -202,10 +199,9 @@ def _compile_vs_eager(device, backend, momentum, channels_last=False, n_steps=3)
     assert_no_graph_break()
     assert len(rec.graphs) == 2  # one training graph, one eval graph: no recompilation
     train, evl = 0, 1
-    # training: one batch_norm_train per layer (the single-pass kernel where eager takes
-    # it), and the kernels' backward op, not differentiable_backward's torch operations
-    assert [rec.op_count(train, op) for op in (TRAIN_OP, STATS_OP, APPLY_OP, BACKWARD_OP)] \
-        == [4, 0, 0, 4]
+    # training: one batch_norm_train per layer, which takes the single-pass kernel where
+    # eager does (test_compile_launches_what_eager_launches)
+    assert [rec.op_count(train, op) for op in (TRAIN_OP, STATS_OP, APPLY_OP)] == [4, 0, 0]
     assert [rec.op_count(evl, op) for op in (TRAIN_OP, STATS_OP, APPLY_OP)] == [0, 0, 4]
     return rec
 
@@ -257,6 +253,26 @@ def test_compile_launches_what_eager_launches(device, dynamo, kernel_launches, b
         m(x).sum().backward()
         launches.append(dict(kernel_launches))
     assert launches[0] == launches[2] == {"bn_fused_kernel": 8}, launches
+
+
+def test_compile_eager_backend_double_backward(device, dynamo):
+    """create_graph=True through a compiled training forward: Dynamo's graph calls
+    batch_norm_train, whose backward is chosen when it runs, so the second-order terms
+    through BatchNorm are there (backend="eager"; aot_eager and Inductor refuse double
+    backward, as they do for torch's BatchNorm)."""
+    x0, s0 = make_inputs(1, device)[0], torch.randn(1, 3, 1, 1, device=device)
+    bn = tritonbn.BatchNorm2d(3, device=device)
+
+    def second_order(f):
+        x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+        gx, gs = torch.autograd.grad((f(x, s) ** 3).sum(), (x, s), create_graph=True)
+        return torch.autograd.grad(gx.square().sum() + gs.square().sum(), s)[0]
+
+    def f(x, s):
+        return bn(x) * s
+
+    torch.testing.assert_close(second_order(torch.compile(f, backend="eager")),
+                               second_order(f), **TOL)
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.0])
@@ -568,6 +584,36 @@ def test_export_training_mode(device):
     sd_e = eager.state_dict()
     for k, v in exported.state_dict().items():
         torch.testing.assert_close(v, sd_e[k], **TOL, msg=lambda m: f"{k}: {m}")
+    # and the exported training graph can be backpropagated, as the eager model can
+    inp = torch.randn_like(x)
+    inputs = [inp.clone().requires_grad_() for _ in range(2)]
+    for m, inp in zip((exported, eager), inputs):
+        m(inp).square().sum().backward()
+    torch.testing.assert_close(inputs[0].grad, inputs[1].grad, **TOL)
+    grads_e = {n: p.grad for n, p in eager.named_parameters()}
+    for n, p in exported.named_parameters():
+        torch.testing.assert_close(p.grad, grads_e[n], **TOL, msg=lambda m: f"{n}: {m}")
+
+
+def test_make_fx_training_graph_backpropagates(device):
+    """A training forward traced by make_fx holds batch_norm_train, whose gradient is
+    registered with it: the graph's gradients are eager tritonbn's."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.randn(4, 3, 5, device=device)
+    w, b = torch.randn(3, device=device), torch.randn(3, device=device)
+
+    def fn(x, w, b):
+        return tritonbn.batch_norm(x, None, None, w, b, True, relu=True)
+
+    gm = make_fx(fn)(x, w, b)
+    assert any(TRAIN_OP in str(n.target) for n in gm.graph.nodes)
+    grads = []
+    for f in (gm, fn):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        grads.append(torch.autograd.grad(f(*leaves).square().sum(), leaves))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, **SAME)
 
 
 def test_fx_symbolic_trace_keeps_layers_as_calls(device, kernel_launches):
@@ -634,6 +680,18 @@ def test_fx_symbolic_trace_of_uninitialised_lazy_layers(device, kernel_launches)
     hooked[1].register_forward_hook(lambda module, args, out: out * 2)
     with pytest.raises(RuntimeError, match="forward hooks"):
         torch.fx.symbolic_trace(hooked)
+
+    class ByKeyword(nn.Module):  # the input passed by name
+        def __init__(self):
+            super().__init__()
+            self.bn = tritonbn.LazyBatchNorm1d(device=device)
+
+        def forward(self, x):
+            return self.bn(input=x)
+
+    traced = torch.fx.symbolic_trace(ByKeyword())
+    x = torch.randn(4, 3, device=device)
+    torch.testing.assert_close(traced(x), F.batch_norm(x, None, None, training=True), **SAME)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -13,11 +13,10 @@
 Eval forward = apply alone (1 launch). Registered with ``torch.library.custom_op`` (fake
 implementations included) so that torch.compile(fullgraph=True) and torch.export treat them
 as opaque nodes. A custom op that mutates its arguments cannot carry an autograd formula:
-batch_norm_train and batch_norm_stats are not differentiable, and the autograd Functions
-below (EagerTrain in eager mode, TracedTrain under tracing, which Dynamo and torch.export
-trace through) give the training forward its gradient: the backward of
-``batch_norm_apply`` with ``batch_stats=True``, the full BatchNorm gradient including the
-path through mean and invstd.
+batch_norm_stats is not differentiable, and batch_norm_train, which is, is registered
+with torch.library's lower-level API (see there). The training forward's gradient is the
+backward of ``batch_norm_apply`` with ``batch_stats=True``, the full BatchNorm gradient
+including the path through mean and invstd.
 
 Not ``torch.library.triton_op``: its body is traced with FakeTensors, which the Triton
 interpreter (CPU runs) cannot launch; and Inductor does not fuse into user-defined Triton
@@ -259,13 +258,12 @@ def _backward(ctx, grad_output, backward_fn=None):
     input, weight, bias, mean, stat, residual = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [needs[0], weight is not None and needs[1], ctx.has_bias and needs[2]]
-    if input.numel() != 0 and not torch.compiler.is_compiling() and (
-            torch.is_grad_enabled() or torch._C._functorch.is_legacy_batchedtensor(grad_output)):
+    if input.numel() != 0 and (torch.is_grad_enabled()
+                               or torch._C._functorch.is_legacy_batchedtensor(grad_output)):
         # create_graph=True (see differentiable_backward's docstring), or a backward run
         # under autograd's own vmap (autograd.grad's is_grads_batched,
         # jacobian(vectorize=True)): torch operations, which autograd can differentiate
-        # and vmap can batch. (Neither exists in a graph Dynamo traces: the backward it
-        # traces is TracedTrain's, and its second check is no operation Dynamo can trace.)
+        # and vmap can batch
         backward_fn = differentiable_backward
     backward_fn = backward_fn or torch.ops.tritonbn.batch_norm_backward
     grad_input, grad_weight, grad_bias, grad_residual = backward_fn(
@@ -356,12 +354,21 @@ def train_forward_impl(
     return output, mean, invstd
 
 
-batch_norm_train = torch.library.custom_op(
-    "tritonbn::batch_norm_train", mutates_args=("running_mean", "running_var"), tags=_TAGS
-)(train_forward_impl)
+# batch_norm_train both mutates its arguments and has an autograd formula, which
+# torch.library.custom_op does not allow (its register_autograd wants a functional op), so
+# it is defined with torch.library's lower-level API and given its own Autograd kernel.
+# Being an op, differentiable, it stays one opaque node for Dynamo, and graphs that hold
+# it (torch.export, make_fx) can be backpropagated; its backward is chosen when it runs
+# (create_graph=True included), as for batch_norm_apply.
+_LIB = torch.library.Library("tritonbn", "FRAGMENT")
+_LIB.define(
+    "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+    "Tensor(b!)? running_var, Tensor? num_batches_tracked, float? momentum, float eps, "
+    "bool relu=False, Tensor? residual=None) -> (Tensor, Tensor, Tensor)", tags=_TAGS)
+_LIB.impl("batch_norm_train", train_forward_impl, "CompositeExplicitAutograd")
 
 
-@batch_norm_train.register_fake
+@torch.library.register_fake("tritonbn::batch_norm_train", lib=_LIB)
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
       relu=False, residual=None):
     C = input.shape[1]
@@ -396,22 +403,6 @@ class EagerTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, *_grad_stats):
         return _train_grads(ctx, grad_output, backward_impl)
-
-
-class TracedTrain(EagerTrain):
-    """EagerTrain for torch.compile, torch.export and dispatch modes: the same node made of
-    the custom ops (batch_norm_train, batch_norm_backward), which Dynamo and the exporters
-    trace through. Compiled code thus takes the single-pass kernel where eager does."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output, mean, invstd = torch.ops.tritonbn.batch_norm_train(*inputs)
-        _save_train(ctx, inputs, output, mean, invstd)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output, *_grad_stats):
-        return _train_grads(ctx, grad_output)
 
 
 class FuncTrain(EagerTrain):
@@ -454,6 +445,37 @@ class FuncTrain(EagerTrain):
             if buffer is not None:  # the update into the slices' buffers, when folding copied
                 _copy_unless_same(folded.view(B, -1), buffer.movedim(d, 0))
         return (_unfold_input(out, B), mean.view(B, -1), invstd.view(B, -1)), (0, 0, 0)
+
+
+class _TrainAutograd(torch.autograd.Function):
+    """The Autograd kernel of batch_norm_train: the op below autograd, and EagerTrain's
+    saved tensors and backward (batch_norm_backward, or differentiable_backward when a
+    graph of the gradient is wanted)."""
+
+    @staticmethod
+    def forward(*inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.tritonbn.batch_norm_train(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        ctx.mark_non_differentiable(*outputs[1:])
+        _save_train(ctx, inputs, *outputs)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_grad_stats):
+        return _train_grads(ctx, grad_output)
+
+
+def _train_autograd(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                    momentum, eps, relu=False, residual=None):
+    # the dispatcher passes a Python kernel the arguments as called, without the schema's
+    # defaults; _TrainAutograd saves all ten
+    return _TrainAutograd.apply(input, weight, bias, running_mean, running_var,
+                                num_batches_tracked, momentum, eps, relu, residual)
+
+
+_LIB.impl("batch_norm_train", _train_autograd, "Autograd")
 
 
 # --- torch.func.vmap -------------------------------------------------------------------------
