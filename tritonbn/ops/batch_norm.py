@@ -10,13 +10,14 @@
     tritonbn::batch_norm_backward  gradient statistics + grad_input (2 launches, or 1
                                    single-pass launch where the shape fits)
 
-Eval forward = apply alone (1 launch). Registered with ``torch.library.custom_op`` (fake
-implementations included) so that torch.compile(fullgraph=True) and torch.export treat them
-as opaque nodes. A custom op that mutates its arguments cannot carry an autograd formula:
-batch_norm_stats is not differentiable, and batch_norm_train, which is, is registered
-with torch.library's lower-level API (see there). The training forward's gradient is the
-backward of ``batch_norm_apply`` with ``batch_stats=True``, the full BatchNorm gradient
-including the path through mean and invstd.
+Eval forward = apply alone (1 launch). Registered as torch.library operators with fake
+implementations, so that torch.compile(fullgraph=True) and torch.export treat them as
+opaque nodes: through ``torch.library.custom_op``, except batch_norm_train, which both
+mutates its arguments and has an autograd formula, something custom_op refuses, and is
+registered with torch.library's lower-level API (see there). batch_norm_stats is not
+differentiable. The training forward's gradient is the backward of ``batch_norm_apply``
+with ``batch_stats=True``, the full BatchNorm gradient including the path through mean and
+invstd.
 
 Not ``torch.library.triton_op``: its body is traced with FakeTensors, which the Triton
 interpreter (CPU runs) cannot launch; and Inductor does not fuse into user-defined Triton
@@ -89,7 +90,7 @@ def apply_impl(
     y + residual with a ``residual`` (the input's shape and dtype), and max(that, 0) with
     ``relu``: BatchNorm [+ residual] [+ ReLU] in one pass.
 
-    ``batch_stats``: mean/stat are the batch mean/invstd from batch_norm_stats, and the
+    ``batch_stats``: mean/stat are the batch mean/invstd (batch_norm_stats'), and the
     backward differentiates through them (full BatchNorm training gradient). Otherwise they
     are running_mean/running_var (eval) and invstd = 1/sqrt(running_var + eps)."""
     output = torch.empty_like(input)
