@@ -145,11 +145,10 @@ class _LazyTritonBatchNorm:
     def _call_impl(self, *args, **kwargs):
         # torch.fx tracing: a Proxy has no shape for the lazy pre-hook to infer from. The
         # layer stays lazy and is recorded as one call, as fx records torch's lazy layers,
-        # and the traced model initialises it on its first real input. (Here, not in a
-        # method the pre-hook calls: a converted layer's hook is torch's, bound when the
-        # layer was built.)
-        # nn.Module._call_impl by name, not super(): Module.compile keeps this bound
-        # method, which outlives the class switch to cls_to_become
+        # and the traced model initialises it on its first real input. Here, not in a
+        # method the pre-hook calls (a converted layer's hook is torch's, bound when the
+        # layer was built); and nn.Module._call_impl by name, not super(): Module.compile
+        # keeps this bound method, which outlives the class switch to cls_to_become.
         input = args[0] if args else kwargs.get("input")
         if isinstance(input, fx.Proxy):
             return _fx_call(self, (input,), (self._initialize_hook.id,))

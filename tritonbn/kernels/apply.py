@@ -19,7 +19,8 @@ the first ones this pass asks for again.
 import triton
 import triton.language as tl
 
-from .grad_stats import channel_scale, load_channel_stats, pre_activation
+from .grad_stats import (channel_scale, load_channel_stats, pre_activation, relu,
+                         relu_backward)
 from .tiles import tile_index, tile_offsets
 
 
@@ -69,8 +70,7 @@ def bn_apply_kernel(
     if BACKWARD:
         if RELU:
             y = pre_activation(x - mean, scale, bias_ptr, c, c_mask, HAS_BIAS)
-            # torch's threshold_backward: dy is zeroed where y <= 0, so a NaN y passes it
-            dy = tl.where(y <= 0.0, 0.0, dy)
+            dy = relu_backward(dy, y)
         if BATCH_STATS:
             k1 = tl.load(coef_ptr + c, mask=c_mask, other=0.0)[None, None, :]
             k2 = tl.load(coef_ptr + C + c, mask=c_mask, other=0.0)[None, None, :]
@@ -82,7 +82,6 @@ def bn_apply_kernel(
         if RESIDUAL:
             out += dy  # the residual z, in the dy slot
         if RELU:
-            # NaN stays NaN, as in torch.relu (the default maximum returns 0)
-            out = tl.maximum(out, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            out = relu(out)
     out_offs = tile_offsets(o0, o1, o2, i, c, so0, so1, so2, soi, soc, CONTIG, VEC)
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)

@@ -29,7 +29,8 @@ eligible, and which BLOCK_C, is decided in configs.py.
 import triton
 import triton.language as tl
 
-from .grad_stats import channel_scale, load_channel_stats, pre_activation, store_grad_params
+from .grad_stats import (channel_scale, load_channel_stats, pre_activation, relu,
+                         relu_backward, store_grad_params)
 from .stats import channel_shift, update_running_stats
 from .tiles import tile_index, tile_offsets
 
@@ -93,8 +94,7 @@ def bn_fused_kernel(
             y = pre_activation(xmu, scale, bias_ptr, c, c_mask, HAS_BIAS)
             if RESIDUAL:
                 y += z
-            # torch's threshold_backward: dy is zeroed where y <= 0, so a NaN y passes it
-            dy = tl.where(y <= 0.0, 0.0, dy)
+            dy = relu_backward(dy, y)
             if RESIDUAL:
                 dz_offs = tile_offsets(o0, o1, o2, i, c, sdz0, sdz1, sdz2, sdzi, sdzc,
                                        CONTIG, VEC)
@@ -138,7 +138,6 @@ def bn_fused_kernel(
             if RESIDUAL:
                 out += z
             if RELU:
-                # NaN stays NaN, as in torch.relu (the default maximum returns 0)
-                out = tl.maximum(out, 0.0, propagate_nan=tl.PropagateNan.ALL)
+                out = relu(out)
         out_offs = tile_offsets(o0, o1, o2, i, c, so0, so1, so2, soi, soc, CONTIG, VEC)
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)

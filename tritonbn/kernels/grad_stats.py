@@ -59,6 +59,18 @@ def pre_activation(xmu, scale, bias_ptr, c, c_mask, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def relu(y):
+    """max(y, 0) with NaN kept, as torch.relu (tl.maximum's default returns 0 for NaN)."""
+    return tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def relu_backward(dy, y):
+    """torch's threshold_backward: dy zeroed where y <= 0, so a NaN y passes it."""
+    return tl.where(y <= 0.0, 0.0, dy)
+
+
+@triton.jit
 def store_grad_params(grad_weight_ptr, grad_bias_ptr, c, c_mask, sum_dy, sum_dy_xmu, invstd,
                       HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr):
     """grad_weight = invstd * sum(dy * (x - mean)), grad_bias = sum(dy), in their dtypes."""
@@ -127,8 +139,7 @@ def bn_grad_stats_kernel(
             if RESIDUAL:
                 z_offs = tile_offsets(o0, o1, o2, i, ci, sz0, sz1, sz2, szi, szc, CONTIG, VEC)
                 y += tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(tl.float32)
-            # torch's threshold_backward: dy is zeroed where y <= 0, so a NaN y passes it
-            dy = tl.where(y <= 0.0, 0.0, dy)
+            dy = relu_backward(dy, y)
             if RESIDUAL:
                 dz_offs = tile_offsets(o0, o1, o2, i, ci, sdz0, sdz1, sdz2, sdzi, sdzc,
                                        CONTIG, VEC)

@@ -383,6 +383,13 @@ def _save_train(ctx, inputs, output, mean, invstd):
     _setup_context(ctx, (input, weight, bias, mean, invstd, True, eps, relu, residual), output)
 
 
+def _setup_train(ctx, inputs, outputs):
+    """setup_context of the training forwards that return (output, mean, invstd): the
+    statistics are outputs, not differentiable."""
+    ctx.mark_non_differentiable(*outputs[1:])
+    _save_train(ctx, inputs, *outputs)
+
+
 def _train_grads(ctx, grad_output, backward_fn=None):
     """Gradients of the training forward's ten arguments: input, weight, bias and the
     residual's, from batch_norm_apply's backward."""
@@ -415,10 +422,7 @@ class FuncTrain(EagerTrain):
     def forward(*inputs):
         return train_forward_impl(*inputs)
 
-    @staticmethod
-    def setup_context(ctx, inputs, outputs):
-        ctx.mark_non_differentiable(*outputs[1:])
-        _save_train(ctx, inputs, *outputs)
+    setup_context = staticmethod(_setup_train)
 
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, running_mean, running_var,
@@ -458,10 +462,7 @@ class _TrainAutograd(torch.autograd.Function):
         with torch._C._AutoDispatchBelowAutograd():
             return torch.ops.tritonbn.batch_norm_train(*inputs)
 
-    @staticmethod
-    def setup_context(ctx, inputs, outputs):
-        ctx.mark_non_differentiable(*outputs[1:])
-        _save_train(ctx, inputs, *outputs)
+    setup_context = staticmethod(_setup_train)
 
     @staticmethod
     def backward(ctx, grad_output, *_grad_stats):
