@@ -213,6 +213,72 @@ def test_empty_batch(training, layout):
     assert results[1][0].is_contiguous(memory_format=memory_format_of(x))
 
 
+def _ones(*shape, dtype=torch.float32):
+    return torch.ones(shape, dtype=dtype, device=DEVICE)
+
+
+# (input shape, input dtype, (running_mean, running_var, weight, bias) makers, training):
+# arguments torch's kernels would reject, which ATen's empty-input path takes or fails on
+# in its own way (weight[0], bias[0])
+_EMPTY_CASES = {
+    "C0_weight": ((4, 0, 3), torch.float32, (None, None, lambda: _ones(0), None), True),
+    "C0_bias_eval": ((4, 0, 3), torch.float32,
+                     (lambda: _ones(0), lambda: _ones(0), None, lambda: _ones(0)), False),
+    "C0_no_affine": ((4, 0, 3), torch.float32, (None, None, None, None), True),
+    "weight_of_7": ((0, 3, 5), torch.float32, (None, None, lambda: _ones(7), lambda: _ones(7)),
+                    True),
+    "running_stats_of_7": ((0, 3, 5), torch.float32,
+                           (lambda: _ones(7), lambda: _ones(7), None, None), True),
+    "eval_without_running_stats": ((0, 3, 5), torch.float32, (None, None, None, None), False),
+    "running_mean_only": ((0, 3, 5), torch.float32, (lambda: _ones(3), None, None, None),
+                          True),
+    "running_mean_requires_grad": ((0, 3, 5), torch.float32,
+                                   (lambda: _ones(3).requires_grad_(), lambda: _ones(3), None,
+                                    None), True),
+    "1d_input_with_weight": ((0,), torch.float32, (None, None, lambda: _ones(1), None), True),
+    "bf16_weight_fp16_input": ((0, 3, 5), torch.float16,
+                               (None, None, lambda: _ones(3, dtype=torch.bfloat16), None),
+                               True),
+    "weight_1x3": ((0, 3, 5), torch.float32, (None, None, lambda: _ones(1, 3), None), True),
+    "weight_0d": ((0, 3, 5), torch.float32, (None, None, lambda: _ones(), None), True),
+}
+
+
+@pytest.mark.parametrize("case", list(_EMPTY_CASES))
+def test_empty_input_takes_torch_path(case):
+    """An empty input gets ATen's empty-input result, ``input.clone() * weight[0] +
+    bias[0]``, returned before torch checks the per-channel tensors: the same result and
+    gradients where torch returns one, torch's error (IndexError for C = 0 with a weight,
+    the broadcast error of a (1, C) weight) where it raises, running statistics as they
+    were."""
+    shape, dtype, makers, training = _EMPTY_CASES[case]
+    outcomes = []
+    for fn in (torch.nn.functional.batch_norm, tritonbn.batch_norm):
+        rm, rv, w, b = (None if make is None else make() for make in makers)
+        x = make_tensor(shape, dtype).requires_grad_()
+        leaves = [t for t in (x, w, b) if t is not None and t.is_floating_point()]
+        for t in leaves[1:]:
+            t.requires_grad_()
+        stats = [t.detach().clone() for t in (rm, rv) if t is not None]
+        try:
+            y = fn(x, rm, rv, w, b, training, 0.1, 1e-5)
+        except Exception as e:  # noqa: BLE001  (whatever torch raises)
+            outcomes.append((type(e), str(e)))
+            continue
+        assert all(torch.equal(s, t) for s, t in zip(stats, [t for t in (rm, rv)
+                                                             if t is not None]))
+        grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+        outcomes.append((y, y.stride(), *grads))
+    expected, got = outcomes
+    if isinstance(expected[0], type):
+        assert got == expected
+        return
+    assert not isinstance(got[0], type), f"tritonbn raised {got}"
+    assert got[1] == expected[1], "strides"
+    for e, g in zip(expected[:1] + expected[2:], got[:1] + got[2:]):
+        assert g.shape == e.shape and g.dtype == e.dtype and torch.equal(g, e)
+
+
 # --- no input is modified ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["train", "train_no_running_stats", "eval"])

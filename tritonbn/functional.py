@@ -123,6 +123,14 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                 residual: Optional[Tensor] = None) -> Tensor:
     """Kernel path. ``momentum=None`` with ``num_batches_tracked`` = cumulative average,
     its factor read on the device (no host synchronisation, graph-capturable)."""
+    if input.numel() == 0:
+        # torch's own path: ATen returns input.clone() * weight[0] + bias[0] for an empty
+        # input before its per-channel checks, so it takes mis-sized or mixed-dtype
+        # parameters there and raises IndexError for C = 0 with a weight. No kernel runs
+        # and the running statistics stay as they are, so the momentum does not matter.
+        _check_residual(input, residual)
+        return _by_torch(input, running_mean, running_var, weight, bias, training,
+                         0.0 if momentum is None else momentum, eps, None, relu, residual)
     _check_args(input, running_mean, running_var, weight, bias, training, eps)
     _check_residual(input, residual)
     if momentum is None and num_batches_tracked is None:
