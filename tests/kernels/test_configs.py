@@ -436,8 +436,26 @@ def test_chosen_configs_lists_kernel_key_and_config(device, monkeypatch, fresh_t
         assert tile | {"num_warps", "num_stages"} <= set(cfg)
 
 
-def test_autotune_off_uses_default_config(device, monkeypatch, fresh_tuners, kernel_path):
-    monkeypatch.setenv("TRITONBN_AUTOTUNE", "0")
+@pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for one test, then as it was."""
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.mark.parametrize("switch", ["env", "deterministic"])
+def test_autotune_off_uses_default_config(device, monkeypatch, fresh_tuners, kernel_path,
+                                          switch, request):
+    """TRITONBN_AUTOTUNE=0, or torch's deterministic mode (a config chosen by timing may
+    differ between processes, and with it the reductions' order and the result's bits)."""
+    if switch == "env":
+        monkeypatch.setenv("TRITONBN_AUTOTUNE", "0")
+    else:
+        monkeypatch.setenv("TRITONBN_AUTOTUNE", "1")
+        request.getfixturevalue("deterministic_algorithms")
     assert not tritonbn.autotune_enabled()
     calls = []
     default = "fused_default_config" if kernel_path == "single_pass" else "default_config"

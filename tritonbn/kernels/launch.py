@@ -1,8 +1,8 @@
 """Launchers: shape -> config (autotuned or the fixed default) -> grid -> kernel.
 
 Host code reads only shapes, strides and dtypes, never tensor values, so nothing here
-synchronises with the device. Set TRITONBN_AUTOTUNE=0 to use the fixed default config of
-configs.default_config instead of autotuning.
+synchronises with the device. Set TRITONBN_AUTOTUNE=0 (or torch.use_deterministic_algorithms)
+to use the fixed default config of configs.default_config instead of autotuning.
 """
 from __future__ import annotations
 
@@ -26,8 +26,12 @@ INTERPRETED = type(bn_stats_kernel).__name__ == "InterpretedFunction"
 
 
 def autotune_enabled() -> bool:
-    """Autotuning is on unless TRITONBN_AUTOTUNE=0 (read at every call)."""
-    return os.environ.get("TRITONBN_AUTOTUNE", "1") != "0"
+    """Autotuning is on unless TRITONBN_AUTOTUNE=0 or torch.use_deterministic_algorithms(True)
+    (both read at every call). The config sets the order of the reductions, and a choice
+    made by timing can differ from one process to the next, so in deterministic mode every
+    run takes the fixed default config and gives the same bits on the same GPU model."""
+    return (os.environ.get("TRITONBN_AUTOTUNE", "1") != "0"
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def fused_enabled() -> bool:
