@@ -279,6 +279,81 @@ def test_empty_input_takes_torch_path(case):
         assert g.shape == e.shape and g.dtype == e.dtype and torch.equal(g, e)
 
 
+# --- tensor subclasses and other layouts -------------------------------------------------------
+
+class _Tagged(torch.Tensor):
+    """A __torch_function__ subclass (as torchvision's tv_tensors, or a user's metadata
+    tag): torch's BatchNorm hands it the call and returns a _Tagged."""
+    seen: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(getattr(func, "__name__", ""))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _two_tensor(shape):
+    """A __torch_dispatch__ wrapper subclass (as DTensor): no storage the kernels could
+    read."""
+    from torch.testing._internal.two_tensor import TwoTensor
+    return TwoTensor(make_tensor(shape), make_tensor(shape))
+
+
+def _jagged(shape):
+    return torch.nested.nested_tensor([make_tensor(shape[1:]), make_tensor(shape[1:])],
+                                      layout=torch.jagged)
+
+
+# input maker, weight maker (None: a plain tensor)
+_SUBCLASS_CASES = {
+    "torch_function_input": (lambda s: make_tensor(s).as_subclass(_Tagged), None),
+    "torch_function_weight": (make_tensor, lambda: make_params(3)[0].as_subclass(_Tagged)),
+    "torch_dispatch_wrapper": (_two_tensor, None),
+    "jagged_nested": (_jagged, None),
+    "sparse": (lambda s: make_tensor(s).to_sparse(), None),
+}
+
+
+@pytest.mark.parametrize("case,api", [(c, a) for c in _SUBCLASS_CASES
+                                      for a in ("functional", "module")
+                                      if (c, a) != ("torch_function_weight", "module")])
+def test_tensor_subclasses_get_torch_semantics(case, api):
+    """Inputs the kernels cannot or should not read directly go to torch's BatchNorm, which
+    gives each what it expects: the same result type and values (or the same error), and
+    a __torch_function__ subclass sees the batch_norm call."""
+    make_input, make_weight = _SUBCLASS_CASES[case]
+    outcomes = []
+    # one input for both (a jagged tensor's ragged size is named anew by each construction)
+    x = make_input((2, 3, 4))
+    w = make_weight() if make_weight is not None else make_params(3)[0]
+    for fn, cls in ((torch.nn.functional.batch_norm, torch.nn.BatchNorm1d),
+                    (tritonbn.batch_norm, tritonbn.BatchNorm1d)):
+        _Tagged.seen = []
+        try:
+            if api == "functional":
+                y = fn(x, torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE), w,
+                       None, True, 0.1, 1e-5)
+            else:
+                layer = cls(3, device=DEVICE)
+                layer.weight.data.copy_(w)
+                y = layer(x)
+        except Exception as e:  # noqa: BLE001  (whatever torch raises)
+            outcomes.append((type(e), str(e)))
+            continue
+        outcomes.append((type(y), "batch_norm" in _Tagged.seen, y))
+    expected, got = outcomes
+    assert got[:2] == expected[:2]
+    if issubclass(expected[0], BaseException):
+        return
+    y_got, y_expected = got[2], expected[2]
+    if case == "torch_dispatch_wrapper":
+        pairs = ((y_got.a, y_expected.a), (y_got.b, y_expected.b))
+    else:
+        pairs = ((y_got.as_subclass(torch.Tensor), y_expected.as_subclass(torch.Tensor)),)
+    for g, e in pairs:
+        torch.testing.assert_close(g, e)
+
+
 # --- no input is modified ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["train", "train_no_running_stats", "eval"])

@@ -26,15 +26,48 @@ _EPS_ZERO_ALLOWED_IN_EVAL = tuple(
     int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 12)
 
 
+_STRIDED = torch.strided
+
+
 def runs_on_triton(input: Tensor) -> bool:
     """True when ``input`` is computed by the Triton kernels: CUDA tensors, and CPU tensors
     when the Triton interpreter is on (TRITON_INTERPRET=1 before import). Other inputs
-    (CPU without the interpreter, float64, ...) fall back to torch's own BatchNorm, as do
-    calls recorded by torch.jit.trace (and so torch.onnx.export(dynamo=False)), whose
-    graph can then hold aten::batch_norm instead of kernel launches."""
+    (CPU without the interpreter, float64, sparse, ...) fall back to torch's own
+    BatchNorm, as do calls recorded by torch.jit.trace (and so
+    torch.onnx.export(dynamo=False)), whose graph can then hold aten::batch_norm instead of
+    kernel launches, and tensor subclasses with behaviour of their own (below)."""
     if input.dtype not in KERNEL_DTYPES or torch.jit.is_tracing():
         return False
+    if type(input) not in _PLAIN_TYPES and not _traced() and _subclass_semantics(input):
+        return False
+    if input.layout is not _STRIDED:
+        return False
     return input.device.type == "cuda" or (input.device.type == "cpu" and INTERPRETED)
+
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+# what a class that does not override __torch_function__ has: Tensor's (a classmethod) or
+# the disabled one (Parameter, and most __torch_dispatch__ wrappers)
+_NO_TORCH_FUNCTION = (Tensor.__torch_function__.__func__, torch._C._disabled_torch_function_impl)
+
+
+def _subclass_semantics(input: Tensor) -> bool:
+    """A subclass that overrides __torch_function__ (torch's BatchNorm hands it the call,
+    and returns what it makes of it) or __torch_dispatch__ (a wrapper such as DTensor or a
+    jagged nested tensor, whose data the kernels cannot read): torch's path gives it
+    exactly the calls it expects. Under a trace (torch.compile's fake tensors) the custom
+    ops are the path."""
+    return _own_torch_function(input) or torch._C._dispatch_keys(input).has(
+        torch._C.DispatchKey.Python)
+
+
+def _own_torch_function(t: Optional[Tensor]) -> bool:
+    """Whether ``t``'s class overrides __torch_function__. Not has_torch_function, which is
+    also true under any torch function mode (make_fx sets one)."""
+    if t is None or type(t) in _PLAIN_TYPES:
+        return False
+    handler = getattr(type(t), "__torch_function__", None)
+    return getattr(handler, "__func__", handler) not in _NO_TORCH_FUNCTION
 
 
 def _check_args(input, running_mean, running_var, weight, bias, training, eps):
@@ -269,7 +302,9 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     * ``relu=True``: returns ``relu(batch_norm(...) [+ residual])``, with no pass of its own
       over the tensor in the forward or the backward."""
     _check_types(running_mean, running_var, weight, bias, training, momentum)
-    if not runs_on_triton(input):
+    if not runs_on_triton(input) or (
+            _own_torch_function(weight) or _own_torch_function(bias)
+            or _own_torch_function(running_mean) or _own_torch_function(running_var)):
         _check_residual(input, residual)
         out = F.batch_norm(input, running_mean, running_var, weight, bias, training,
                            momentum, eps)
