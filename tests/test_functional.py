@@ -292,11 +292,11 @@ class _Tagged(torch.Tensor):
         return super().__torch_function__(func, types, args, kwargs or {})
 
 
-def _two_tensor(shape):
-    """A __torch_dispatch__ wrapper subclass (as DTensor): no storage the kernels could
-    read."""
+def _two_tensor(t):
+    """A __torch_dispatch__ wrapper subclass (as DTensor) of ``t`` and a copy: no storage
+    the kernels could read."""
     from torch.testing._internal.two_tensor import TwoTensor
-    return TwoTensor(make_tensor(shape), make_tensor(shape))
+    return TwoTensor(t, t.clone())
 
 
 def _jagged(shape):
@@ -304,28 +304,31 @@ def _jagged(shape):
                                       layout=torch.jagged)
 
 
-# input maker, weight maker (None: a plain tensor)
+# input maker (of a shape), weight maker (of a plain weight)
 _SUBCLASS_CASES = {
     "torch_function_input": (lambda s: make_tensor(s).as_subclass(_Tagged), None),
-    "torch_function_weight": (make_tensor, lambda: make_params(3)[0].as_subclass(_Tagged)),
-    "torch_dispatch_wrapper": (_two_tensor, None),
+    "torch_function_weight": (make_tensor, lambda w: w.as_subclass(_Tagged)),
+    "torch_dispatch_input": (lambda s: _two_tensor(make_tensor(s)), None),
+    "torch_dispatch_weight": (make_tensor, _two_tensor),
     "jagged_nested": (_jagged, None),
     "sparse": (lambda s: make_tensor(s).to_sparse(), None),
 }
 
 
-@pytest.mark.parametrize("case,api", [(c, a) for c in _SUBCLASS_CASES
-                                      for a in ("functional", "module")
-                                      if (c, a) != ("torch_function_weight", "module")])
+@pytest.mark.parametrize("api", ["functional", "module"])
+@pytest.mark.parametrize("case", list(_SUBCLASS_CASES))
 def test_tensor_subclasses_get_torch_semantics(case, api):
-    """Inputs the kernels cannot or should not read directly go to torch's BatchNorm, which
-    gives each what it expects: the same result type and values (or the same error), and
-    a __torch_function__ subclass sees the batch_norm call."""
+    """Inputs and parameters the kernels cannot or should not read directly go to torch's
+    BatchNorm, which gives each what it expects: the same result type and values (or the
+    same error), and a __torch_function__ subclass sees the batch_norm call."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
     make_input, make_weight = _SUBCLASS_CASES[case]
     outcomes = []
     # one input for both (a jagged tensor's ragged size is named anew by each construction)
     x = make_input((2, 3, 4))
-    w = make_weight() if make_weight is not None else make_params(3)[0]
+    w = make_params(3)[0]
+    w = make_weight(w) if make_weight is not None else w
     for fn, cls in ((torch.nn.functional.batch_norm, torch.nn.BatchNorm1d),
                     (tritonbn.batch_norm, tritonbn.BatchNorm1d)):
         _Tagged.seen = []
@@ -335,7 +338,7 @@ def test_tensor_subclasses_get_torch_semantics(case, api):
                        None, True, 0.1, 1e-5)
             else:
                 layer = cls(3, device=DEVICE)
-                layer.weight.data.copy_(w)
+                layer.weight = torch.nn.Parameter(w.clone())  # keeps a subclass's type
                 y = layer(x)
         except Exception as e:  # noqa: BLE001  (whatever torch raises)
             outcomes.append((type(e), str(e)))
@@ -346,7 +349,7 @@ def test_tensor_subclasses_get_torch_semantics(case, api):
     if issubclass(expected[0], BaseException):
         return
     y_got, y_expected = got[2], expected[2]
-    if case == "torch_dispatch_wrapper":
+    if isinstance(y_expected, TwoTensor):
         pairs = ((y_got.a, y_expected.a), (y_got.b, y_expected.b))
     else:
         pairs = ((y_got.as_subclass(torch.Tensor), y_expected.as_subclass(torch.Tensor)),)

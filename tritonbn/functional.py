@@ -35,10 +35,8 @@ def runs_on_triton(input: Tensor) -> bool:
     (CPU without the interpreter, float64, sparse, ...) fall back to torch's own
     BatchNorm, as do calls recorded by torch.jit.trace (and so
     torch.onnx.export(dynamo=False)), whose graph can then hold aten::batch_norm instead of
-    kernel launches, and tensor subclasses with behaviour of their own (below)."""
-    if input.dtype not in KERNEL_DTYPES or torch.jit.is_tracing():
-        return False
-    if type(input) not in _PLAIN_TYPES and not _traced() and _subclass_semantics(input):
+    kernel launches, and tensor subclasses with behaviour of their own (_subclass)."""
+    if input.dtype not in KERNEL_DTYPES or torch.jit.is_tracing() or _subclass(input):
         return False
     if input.layout is not _STRIDED:
         return False
@@ -51,27 +49,28 @@ _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 _NO_TORCH_FUNCTION = (Tensor.__torch_function__.__func__, torch._C._disabled_torch_function_impl)
 
 
-def _subclass_semantics(input: Tensor) -> bool:
-    """A subclass that overrides __torch_function__ (torch's BatchNorm hands it the call,
-    and returns what it makes of it) or __torch_dispatch__ (a wrapper such as DTensor or a
-    jagged nested tensor, whose data the kernels cannot read): torch's path gives it
-    exactly the calls it expects. Under a trace (torch.compile's fake tensors) the custom
-    ops are the path."""
-    return _own_torch_function(input) or torch._C._dispatch_keys(input).has(
-        torch._C.DispatchKey.Python)
+def _subclass(*tensors: Optional[Tensor]) -> bool:
+    """Whether one of ``tensors`` is a subclass that overrides __torch_function__ (torch's
+    BatchNorm hands it the call, and returns what it makes of it) or __torch_dispatch__ (a
+    wrapper such as DTensor or a jagged nested tensor, whose data the kernels cannot
+    read): torch's path gives it exactly the calls it expects. Plain tensors and
+    Parameters cost a type lookup each. Under a trace (torch.compile's fake tensors) the
+    custom ops are the path. The class's own __torch_function__ is looked at, not
+    has_torch_function, which any torch function mode (make_fx sets one) makes true."""
+    for t in tensors:
+        if type(t) in _PLAIN_TYPES or not isinstance(t, Tensor) or _traced():
+            continue  # None and non-tensors too (the residual's check reports them)
+        handler = getattr(type(t), "__torch_function__", None)
+        if (getattr(handler, "__func__", handler) not in _NO_TORCH_FUNCTION
+                or torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python)):
+            return True
+    return False
 
 
-def _own_torch_function(t: Optional[Tensor]) -> bool:
-    """Whether ``t``'s class overrides __torch_function__. Not has_torch_function, which is
-    also true under any torch function mode (make_fx sets one)."""
-    if t is None or type(t) in _PLAIN_TYPES:
-        return False
-    handler = getattr(type(t), "__torch_function__", None)
-    return getattr(handler, "__func__", handler) not in _NO_TORCH_FUNCTION
-
-
-def _check_args(input, running_mean, running_var, weight, bias, training, eps):
-    """The checks torch makes, in torch's order, with its exception types and messages."""
+def _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """The checks torch makes, in torch's order, with its exception types and messages.
+    ``momentum`` None: the layers' cumulative average (the functional refused None in
+    _check_types)."""
     size = input.size()
     if training:
         size_prods = size[0]
@@ -87,6 +86,12 @@ def _check_args(input, running_mean, running_var, weight, bias, training, eps):
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    # torch's argument parser, after those Python-level checks (the layers pass their
+    # momentum and eps attributes straight here)
+    if momentum is not None and type(momentum) is not float and not _float_like(momentum):
+        raise _argument_error("momentum", 7, "float", momentum)
+    if type(eps) is not float and not _float_like(eps):
+        raise _argument_error("eps", 8, "float", eps)
     if not training:
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
             if t is None:
@@ -156,15 +161,18 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
                 residual: Optional[Tensor] = None) -> Tensor:
     """Kernel path. ``momentum=None`` with ``num_batches_tracked`` = cumulative average,
     its factor read on the device (no host synchronisation, graph-capturable)."""
-    if input.numel() == 0:
-        # torch's own path: ATen returns input.clone() * weight[0] + bias[0] for an empty
-        # input before its per-channel checks, so it takes mis-sized or mixed-dtype
-        # parameters there and raises IndexError for C = 0 with a weight. No kernel runs
-        # and the running statistics stay as they are, so the momentum does not matter.
-        _check_residual(input, residual)
-        return _by_torch(input, running_mean, running_var, weight, bias, training,
-                         0.0 if momentum is None else momentum, eps, None, relu, residual)
-    _check_args(input, running_mean, running_var, weight, bias, training, eps)
+    empty = input.numel() == 0
+    if empty or _subclass(running_mean, running_var, weight, bias, residual):
+        # torch's own path. For an empty input ATen returns input.clone() * weight[0] +
+        # bias[0] before its per-channel checks, so it takes mis-sized or mixed-dtype
+        # parameters there and raises IndexError for C = 0 with a weight; the running
+        # statistics stay as they are (no momentum to read). A subclass operand: see
+        # _subclass.
+        if momentum is None:
+            momentum = 0.0 if empty or num_batches_tracked is None else None
+        return _by_torch(input, running_mean, running_var, weight, bias, training, momentum,
+                         eps, num_batches_tracked, relu, residual)
+    _check_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     _check_residual(input, residual)
     if momentum is None and num_batches_tracked is None:
         momentum = 0.0
@@ -274,11 +282,13 @@ def _forward_mode_ad(transformed: bool, *tensors) -> bool:
 
 def _by_torch(input, running_mean, running_var, weight, bias, training, momentum, eps,
               num_batches_tracked, relu, residual) -> Tensor:
-    """The call computed by torch's BatchNorm (and +, ReLU), for forward-mode AD, whose
-    formulas torch has. momentum=None: torch's module reads the count on the host too."""
+    """The call computed by torch's BatchNorm (and +, ReLU): inputs the kernels do not
+    take, and forward-mode AD, whose formulas torch has. torch's checks come first, then
+    the residual's. momentum=None: torch's module reads the count on the host too."""
     if momentum is None:
         momentum = 1.0 / float(num_batches_tracked)
     out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    _check_residual(input, residual)
     out = out if residual is None else out + residual
     return F.relu(out) if relu else out
 
@@ -302,13 +312,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     * ``relu=True``: returns ``relu(batch_norm(...) [+ residual])``, with no pass of its own
       over the tensor in the forward or the backward."""
     _check_types(running_mean, running_var, weight, bias, training, momentum)
-    if not runs_on_triton(input) or (
-            _own_torch_function(weight) or _own_torch_function(bias)
-            or _own_torch_function(running_mean) or _own_torch_function(running_var)):
-        _check_residual(input, residual)
-        out = F.batch_norm(input, running_mean, running_var, weight, bias, training,
-                           momentum, eps)
-        out = out if residual is None else out + residual
-        return F.relu(out) if relu else out
+    if not runs_on_triton(input):
+        return _by_torch(input, running_mean, running_var, weight, bias, training, momentum,
+                         eps, None, relu, residual)
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        relu=relu, residual=residual)
