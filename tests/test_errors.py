@@ -87,6 +87,53 @@ def test_one_value_per_channel_is_fine_in_eval():
     torch.testing.assert_close(y, nn.BatchNorm1d(3, device=DEVICE).eval()(x))
 
 
+# hyperparameters a layer hands torch's argument parser as they are, set after construction
+_HYPERPARAMETER_CASES = {
+    "momentum_str": ("momentum", "0.3"),
+    "momentum_fraction": ("momentum", fractions.Fraction(1, 3)),
+    "momentum_1d_tensor": ("momentum", torch.tensor([0.3])),
+    "eps_fraction": ("eps", fractions.Fraction(1, 1000)),
+    "eps_str": ("eps", "0.001"),  # a comparison's TypeError, from torch's Python checks
+    "eps_requires_grad": ("eps", torch.tensor(1e-3, requires_grad=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(_HYPERPARAMETER_CASES))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_module_hyperparameter_types(name, training):
+    """What torch's parser refuses as momentum or eps, the layers refuse with its
+    TypeError, leaving the running statistics as they were (num_batches_tracked counts the
+    call in training, in both)."""
+    attr, value = _HYPERPARAMETER_CASES[name]
+    x = make_tensor((2, 3, 4))
+    layers = [cls(3, device=DEVICE).train(training)
+              for cls in (nn.BatchNorm1d, tritonbn.BatchNorm1d)]
+    for m in layers:
+        setattr(m, attr, value)
+    assert_same_error(lambda: layers[0](x), lambda: layers[1](x))
+    for key, t in layers[0].state_dict().items():
+        assert torch.equal(layers[1].state_dict()[key], t), key
+
+
+@pytest.mark.parametrize("how", ["set_to_none", "tracking_switched_on"])
+def test_sync_batch_norm_needs_its_count_in_training(how):
+    """torch's SyncBatchNorm (unlike BatchNorm) raises AssertionError in training when
+    tracking statistics without num_batches_tracked, before touching anything."""
+    layers = []
+    for cls in (nn.SyncBatchNorm, tritonbn.SyncBatchNorm):
+        if how == "set_to_none":
+            m = cls(3, device=DEVICE)
+            m.num_batches_tracked = None
+        else:
+            m = cls(3, track_running_stats=False, device=DEVICE)
+            m.track_running_stats = True
+        layers.append(m)
+    x = make_tensor((2, 3, 4))
+    assert_same_error(lambda: layers[0](x), lambda: layers[1](x))
+    for key, t in layers[0].state_dict().items():
+        assert torch.equal(layers[1].state_dict()[key], t), key
+
+
 # --- functional -------------------------------------------------------------------------------
 
 def _stats(C=3):

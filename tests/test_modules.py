@@ -296,6 +296,33 @@ def test_convert_model_in_place():
         assert now == tensors, f"{name}: parameters/buffers must be the very same objects"
 
 
+def test_convert_and_revert_a_parametrized_layer(kernel_launches):
+    """A layer under torch.nn.utils.parametrize is an instance of a subclass made for it
+    (ParametrizedBatchNorm2d): converted and reverted all the same, the parametrization
+    staying on top, the fused ReLU too; the reverted layer is torch's class again (for
+    tools keyed on it), and removing the parametrization leaves the converted class."""
+    from torch.nn.utils import parametrize
+
+    torch_model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()).to(DEVICE)
+    randomize(torch_model[1])
+    parametrize.register_parametrization(torch_model[1], "weight", _Doubled())
+    model = tritonbn.convert_model(copy.deepcopy(torch_model), fuse_relu=True)
+    assert isinstance(model[1], tritonbn.BatchNorm2d) and parametrize.is_parametrized(model[1])
+    assert model[1].fused_relu and type(model[2]) is nn.Identity
+    x = make_tensor((2, 3, 4, 5))
+    torch.testing.assert_close(model(x), torch_model(x), rtol=1e-5, atol=1e-5)
+    assert sum(kernel_launches.values()) > 0, "the converted layer ran the kernels"
+
+    tritonbn.revert_model(model)
+    assert type(model[1]).__bases__ == (nn.BatchNorm2d,) and type(model[2]) is nn.ReLU
+    assert parametrize.is_parametrized(model[1]) and "fused_relu" not in model[1].__dict__
+    torch.testing.assert_close(model(x), torch_model(x), rtol=1e-5, atol=1e-5)
+
+    tritonbn.convert_model(model)
+    parametrize.remove_parametrizations(model[1], "weight")
+    assert type(model[1]) is tritonbn.BatchNorm2d
+
+
 def test_convert_model_same_results_as_torch():
     torch_model = build_model()
     kernel_model = tritonbn.convert_model(copy.deepcopy(torch_model))

@@ -231,6 +231,48 @@ def test_convert_model_fuses_relu_in_sequential():
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+class _SkipAroundReLU(nn.Sequential):
+    """A Sequential subclass whose forward does not chain its children."""
+
+    def forward(self, x):
+        z = self[0](x)
+        return self[1](z) + z
+
+
+def test_convert_model_leaves_a_sequential_with_its_own_forward_alone():
+    """A Sequential subclass with a forward of its own may use a BatchNorm's output
+    elsewhere than in the ReLU after it: no fusion there."""
+    torch_model = _SkipAroundReLU(nn.BatchNorm2d(3), nn.ReLU()).to(DEVICE)
+    model = tritonbn.convert_model(copy.deepcopy(torch_model), fuse_relu=True)
+    assert not model[0].fused_relu and type(model[1]) is nn.ReLU
+    x = make_tensor((2, 3, 4, 5))
+    torch.testing.assert_close(model(x), torch_model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", ["sequential", "traced"])
+def test_convert_sync_batchnorm_keeps_fused_epilogues(fusion):
+    """tritonbn.SyncBatchNorm.convert_sync_batchnorm after fusing (README's Usage order):
+    torch's conversion builds new layers from parameters and buffers alone; the fused
+    ReLUs and residuals come along, so the model computes what the torch model does, and
+    revert_model can still undo them."""
+    torch_model = _block() if fusion == "sequential" else _Bottleneck().to(DEVICE)
+    model = copy.deepcopy(torch_model)
+    if fusion == "sequential":
+        model = tritonbn.convert_model(model, fuse_relu=True)
+    else:
+        model = tritonbn.fuse_relu_traced(model)
+    before = {n: m.fused_relu for n, m in model.named_modules() if hasattr(m, "fused_relu")}
+    model = tritonbn.SyncBatchNorm.convert_sync_batchnorm(model)
+    after = {n: m.fused_relu for n, m in model.named_modules() if hasattr(m, "fused_relu")}
+    assert after == before and any(after.values())
+    assert all(type(m) is tritonbn.SyncBatchNorm for n, m in model.named_modules()
+               if n in after)
+    x = make_tensor((2, 3 if fusion == "sequential" else 6, 4, 5))
+    torch.testing.assert_close(model(x), torch_model(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tritonbn.revert_model(model)(x), torch_model(x), rtol=1e-4,
+                               atol=1e-5)
+
+
 def test_fused_relu_under_compile():
     """The flag travels through the custom ops under torch.compile (aot_eager): compiled
     training steps give eager's outputs and gradients."""

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.modules import module as _module_hooks
+from torch.nn.utils import parametrize
 
 from .functional import _batch_norm, _check_tensors, _traced, residual_fits, runs_on_triton
 from .ops.sync_batch_norm import SyncBatchNormFunction
@@ -29,6 +30,7 @@ class _TritonBatchNorm:
     to broadcast, or another dtype) is added afterwards by torch, with its rules."""
 
     fused_relu = False
+    _count_required = False  # torch's SyncBatchNorm asserts num_batches_tracked in training
 
     def forward(self, input: Tensor, residual=None) -> Tensor:
         if isinstance(input, fx.Proxy):
@@ -73,6 +75,8 @@ class _TritonBatchNorm:
                                    else self.num_batches_tracked)
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
+            elif self._count_required:
+                raise AssertionError("num_batches_tracked must not be None")
             elif momentum is None:  # torch uses a factor of 0.0 here
                 momentum = 0.0
         bn_training = self.training or (running_mean is None and running_var is None)
@@ -99,6 +103,8 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
     group of more than one process, statistics over the whole group's batch
     (ops/sync_batch_norm.py); otherwise a BatchNorm, as torch's."""
 
+    _count_required = True
+
     def _runs_on_kernels(self, input: Tensor) -> bool:
         # under torch.compile, torch's SyncBatchNorm code, whose collectives it traces
         return runs_on_triton(input) and not _traced()
@@ -119,8 +125,18 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
-        """torch's conversion of every BatchNorm*D into a SyncBatchNorm, then to tritonbn's."""
-        return convert_model(nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group))
+        """torch's conversion of every BatchNorm*D into a SyncBatchNorm, then to tritonbn's.
+        torch's builds new layers, copying parameters and buffers only: the fused ReLUs
+        and residuals (convert_model(fuse_relu=True), fuse_relu_traced) are carried over
+        here by the layer's name, the tree keeping its names. (Calling torch's own
+        nn.SyncBatchNorm.convert_sync_batchnorm on a fused model would lose them.)"""
+        fused = {name: {k: m.__dict__[k] for k in _FUSION_FLAGS if k in m.__dict__}
+                 for name, m in module.named_modules(remove_duplicate=False)
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        module = convert_model(nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group))
+        for name, flags in fused.items():
+            module.get_submodule(name).__dict__.update(flags)
+        return module
 
 
 def _fx_call(layer: nn.Module, args: tuple, own_hooks: tuple = ()) -> fx.Proxy:
@@ -182,6 +198,10 @@ class LazyBatchNorm3d(_LazyTritonBatchNorm, nn.LazyBatchNorm3d):
     cls_to_become = BatchNorm3d
 
 
+# What convert_model(fuse_relu=True) and fuse_relu_traced set on a layer (instance
+# attributes).
+_FUSION_FLAGS = ("fused_relu", "residual_in_graph")
+
 # Layers that can carry a fused ReLU.
 _FUSABLE = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, LazyBatchNorm1d,
             LazyBatchNorm2d, LazyBatchNorm3d)
@@ -191,7 +211,7 @@ def _take_relu(bn: nn.Module) -> bool:
     """Give ``bn`` the ReLU that follows it when it can carry one (a tritonbn BatchNorm,
     lazy and sync ones included, without one yet); True when it took it. Shared by
     convert_model(fuse_relu=True) and fx.fuse_relu_traced."""
-    if type(bn) in _FUSABLE and not getattr(bn, "fused_relu", False):
+    if _layer_class(bn) in _FUSABLE and not getattr(bn, "fused_relu", False):
         bn.fused_relu = True
         return True
     return False
@@ -218,21 +238,25 @@ def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
     ones included) and then an ``nn.ReLU``, the BatchNorm also applies the ReLU
     (``fused_relu``) and the ReLU is replaced by ``nn.Identity``: one kernel instead of
     two, forward and backward. Only
-    Sequential containers are searched: a ReLU called from a ``forward`` method cannot be
-    seen from here. A BatchNorm that appears more than once in ``module`` (one layer
+    Sequential containers that run their children in a chain are searched (not a subclass
+    with a forward of its own): a ReLU called from a ``forward`` method cannot be seen
+    from here. A BatchNorm that appears more than once in ``module`` (one layer
     shared by two places) is left alone: its other use may not be followed by a ReLU.
     Hooks on the replaced ReLU go with it, and forward hooks on the BatchNorm then see its
     ReLU'd output."""
     for m in module.modules():
-        replacement = _REPLACEMENTS.get(type(m))
+        replacement = _REPLACEMENTS.get(_layer_class(m))
         if replacement is not None:
-            m.__class__ = replacement
+            _switch_class(m, replacement)
     if fuse_relu:
         places = collections.Counter(
             id(m) for _, m in module.named_modules(remove_duplicate=False))
         for seq, bn, second in _sequential_pairs(module):
             relu = seq._modules[second]
-            if type(relu) is nn.ReLU and places[id(bn)] == 1 and _take_relu(bn):
+            # a subclass with a forward of its own may not run its children in a chain
+            in_chain = type(seq).forward is nn.Sequential.forward
+            if (in_chain and type(relu) is nn.ReLU and places[id(bn)] == 1
+                    and _take_relu(bn)):
                 identity = nn.Identity().train(relu.training)
                 # the ReLU it stands for, for revert_model (an attribute, not a child)
                 identity.__dict__["replaced_relu"] = relu
@@ -286,15 +310,35 @@ def revert_model(module: nn.Module) -> nn.Module:
     for gm in graphs:
         _unfuse_graph(gm, relu_restored=in_sequences)
     for m in module.modules():
-        original = _ORIGINALS.get(type(m))
+        original = _ORIGINALS.get(_layer_class(m))
         if original is not None:
-            m.__dict__.pop("fused_relu", None)
-            m.__dict__.pop("residual_in_graph", None)
-            m.__class__ = original
+            for flag in _FUSION_FLAGS:
+                m.__dict__.pop(flag, None)
+            _switch_class(m, original)
     return module
 
 
 _ORIGINALS = {new: old for old, new in _REPLACEMENTS.items()}
+
+
+def _layer_class(m: nn.Module) -> type:
+    """What ``m`` is: its class or, for a layer with a parametrization (for which
+    torch.nn.utils.parametrize makes a subclass per layer, Parametrized<name>, holding the
+    parametrized tensors' properties), the class under that one."""
+    cls = type(m)
+    if "parametrizations" in m._modules and cls.__module__ == parametrize.__name__:
+        return cls.__bases__[0]
+    return cls
+
+
+def _switch_class(m: nn.Module, target: type) -> None:
+    """Make ``m`` a ``target`` in place, a parametrization's subclass staying on top."""
+    cls = type(m)
+    if cls is not _layer_class(m):
+        namespace = {k: v for k, v in cls.__dict__.items()
+                     if k not in ("__dict__", "__weakref__")}
+        target = type(cls.__name__, (target,), namespace)
+    m.__class__ = target
 
 
 def _unfuse_graph(gm: fx.GraphModule, relu_restored: set) -> None:
