@@ -36,11 +36,11 @@ def runs_on_triton(input: Tensor) -> bool:
     BatchNorm, as do calls recorded by torch.jit.trace (and so
     torch.onnx.export(dynamo=False)), whose graph can then hold aten::batch_norm instead of
     kernel launches, and tensor subclasses with behaviour of their own (_subclass)."""
-    if input.dtype not in KERNEL_DTYPES or torch.jit.is_tracing() or _subclass(input):
+    if input.dtype not in KERNEL_DTYPES or torch.jit.is_tracing():
         return False
-    if input.layout is not _STRIDED:
+    if (type(input) not in _PLAIN_TYPES and _subclass(input)) or input.layout is not _STRIDED:
         return False
-    return input.device.type == "cuda" or (input.device.type == "cpu" and INTERPRETED)
+    return input.is_cuda or (INTERPRETED and input.is_cpu)
 
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
