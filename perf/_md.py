@@ -54,7 +54,7 @@ def _cpu_traffic(summary) -> list[str]:
          "tensor fits there (60 MB on H200), from HBM otherwise.", "",
          "Path *single_pass*: training forward and backward each run as one `bn_fused_kernel` "
          "launch that holds all M = N x spatial values of its channels in registers, so it "
-         "reads x (and dy) once, plus x[0, c] per channel as a numerical shift; tritonbn takes "
+         "reads x (and dy) once; tritonbn takes "
          "it when M fits one register tile of at most "
          f"{fmt(summary.get('fused_max_volume'))} lanes (outer and inner extents rounded up to "
          "powers of two, times the layout's smallest channel block), here "

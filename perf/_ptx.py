@@ -111,7 +111,7 @@ def analyse_ptx(ptx: str, param_names: list[str], pointer_names: set[str],
             if addr_taint(ops[0]) & set(bulk_stores):
                 stores.append(_access_bits(op))
     # The main load of a big tensor is its widest one (the tile load); single elements read
-    # besides it (the statistics' per-channel shift, x[0, c]) do not decide the width.
+    # besides it, if any, do not decide the width.
     main_loads = [max(b) for b in per_tensor.values()]
     res = dict(load_bits=min(main_loads, default=None), load_bits_max=max(loads, default=None),
                store_bits=min(stores, default=None), store_bits_max=max(stores, default=None),

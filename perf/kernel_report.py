@@ -15,8 +15,8 @@ Per kernel, config, arch, layout and dtype it reports:
   shared_bytes    shared memory the kernel asks for at launch (Triton metadata)
   load_bits       width of the main (tile) load of each big tensor (x, dy) in the ptx - its
                   widest load; the narrowest over those tensors. 128 = every thread moves
-                  16 bytes per load instruction. (Single elements read besides, such as the
-                  statistics' per-channel shift x[0, c], do not count.)
+                  16 bytes per load instruction. (Single elements read besides, if any,
+                  do not count.)
   store_bits      narrowest global store of the big output (apply kernel only)
   load_bits_max / store_bits_max   widest such access
   vec128          every bulk load and store is 128-bit

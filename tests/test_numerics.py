@@ -45,6 +45,26 @@ def test_shifted_mean_running_var(shape, layout):
     assert (y.double() - ref).abs().max().item() < 4e-3
 
 
+@pytest.mark.parametrize("where", [(0, 0, 0, 0), (3, 1, 9, 14)], ids=["first", "elsewhere"])
+def test_outlier_keeps_the_mean_exact(where):
+    """One value of 3e4 among N(0, 1) values: whichever element it is, the mean stays good
+    to a few of its ulps. (A shift by the channel's first element, as tritonbn had, rounded
+    every x - K at 3e4's scale when that element was the spike: ~1e-3 on a mean of ~30,
+    thousands of ulps.) The other results against float64 and torch's own error."""
+    x = make_tensor((4, 2, 16, 16))
+    x[where] = 3e4
+    running_mean, running_var = torch.zeros(2, device=x.device), torch.ones(2, device=x.device)
+    tritonbn.batch_norm(x, running_mean, running_var, None, None, True, 1.0, 1e-5)
+    mean64, std64 = x.double().mean((0, 2, 3)), x.double().std((0, 2, 3))
+    # the mean's scale, or for a mean near 0 that of its sampling error
+    ulp = torch.finfo(torch.float32).eps * torch.maximum(mean64.abs(), std64 / 32)
+    assert ((running_mean.double() - mean64).abs() <= 4 * ulp).all(), (
+        (running_mean.double() - mean64) / ulp)
+    w, b, rm, rv = make_params(2)
+    check_call(tritonbn.batch_norm, Call(x, w, b, rm, rv, True, 1.0, 1e-5,
+                                         make_tensor(x.shape)))
+
+
 @pytest.mark.parametrize("dtype,mean,std", [
     (torch.float32, 1e3, 1.0),  # the design note's case: naive var would be negative
     (torch.float16, 3e4, 1e3),  # near fp16's max: squares overflow fp16, not fp32

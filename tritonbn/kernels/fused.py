@@ -6,7 +6,8 @@ program loads them once and finishes the job, so the tensor crosses HBM the mini
 of times, in one launch:
 
     forward (training):  read x, write y                2 passes (split path: 3, 2 launches)
-        mean = sum(x) / M,  var = sum((x - mean)^2) / M   (two-pass in registers, shifted)
+        mean = sum(x) / M,  var = sum((x - mean)^2) / M   (in registers: shifted by a
+        first mean, corrected, then the centred sum of squares)
         invstd = 1 / sqrt(var + eps),  running stats as in stats.py
         y = (x - mean) * invstd * weight + bias
     backward (training): read x and dy, write dx        3 passes (split path: 5, 2 launches)
@@ -31,7 +32,7 @@ import triton.language as tl
 
 from .grad_stats import (channel_scale, load_channel_stats, pre_activation, relu,
                          relu_backward, store_grad_params)
-from .stats import channel_shift, update_running_stats
+from .stats import tile_mean_shift, update_running_stats
 from .tiles import tile_index, tile_offsets
 
 
@@ -108,8 +109,9 @@ def bn_fused_kernel(
                           invstd, HAS_GRAD_WEIGHT, HAS_GRAD_BIAS)
     else:
         # Two-pass statistics over the tile in registers, of x - K with K the channel's
-        # first value (see stats.channel_shift); masked lanes hold 0.
-        shift = channel_shift(x_ptr, c, c_mask, sxc, CONTIG, INT64)
+        # mean in a first sum (stats.tile_mean_shift), corrected by the mean of x - K,
+        # which, near 0, is exact where a sum of x rounds at x's scale; masked lanes hold 0.
+        shift = tile_mean_shift(x, mask)
         m = tl.zeros([BLOCK_C], tl.float32) + O * I
         xk = tl.where(mask, x - shift[None, None, :], 0.0)
         mean_k = tl.sum(tl.sum(xk, 1), 0) / m

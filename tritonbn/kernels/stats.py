@@ -7,8 +7,9 @@ Math, per channel c over the M = N*L values x_m:
 with f = momentum, or f = 1 / num_batches_tracked (cumulative average, momentum=None).
 
 Parallel layout: grid = (channel blocks, splits). Each program walks a contiguous range of
-``[BLOCK_O, BLOCK_I, BLOCK_C]`` tiles keeping one Welford state per lane (count, mean, M2),
-folds its lanes into one (count, mean, M2) per channel and stores it as a partial. The last
+``[BLOCK_O, BLOCK_I, BLOCK_C]`` tiles keeping one Welford state per lane (count, mean, M2)
+of x - K, K the per-channel mean of its first tile, folds its lanes into one (count, mean,
+M2) per channel and stores it, mean + K, as a partial. The last
 program of a channel block to arrive merges the partials of all splits with Chan's formula
 in split order (deterministic: same input, same bits), then writes mean / invstd and
 updates the running statistics in place. One launch, no memset, no host synchronisation.
@@ -30,15 +31,16 @@ def _fold_lanes(count, mean, m2, axis: tl.constexpr):
 
 
 @triton.jit
-def channel_shift(x_ptr, c, c_mask, sxc, CONTIG: tl.constexpr, INT64: tl.constexpr):
-    """x[0, c, 0, ...] in fp32: the per-channel shift K subtracted before accumulating, so
-    sums describe x - K, whose magnitude is that of the spread, not of the mean. At mean
-    1e4 / std 1 the fp32 mean itself carries ~5e-4 of rounding, which unshifted updates
-    feed straight into the variance (and a tree sum of raw values into the mean)."""
-    first = c.to(tl.int64) * sxc if INT64 else c * sxc
-    if CONTIG == 2:
-        first = c
-    return tl.load(x_ptr + first, mask=c_mask, other=0.0).to(tl.float32)
+def tile_mean_shift(x, mask):
+    """Per-channel mean of the values of an [O, I, C] register tile (masked lanes hold 0),
+    the shift K subtracted before accumulating: sums then describe x - K, whose magnitude
+    is that of the spread, not of the mean. At mean 1e4 / std 1 an fp32 mean updated value
+    by value carries ~5e-4 of rounding per update, which an unshifted Welford feeds into the
+    mean. A mean, unlike a single element, is no outlier: with K = one spike of 3e4 every
+    x - K would round at 3e4's scale. 0 where the tile has no value, or an inf or a NaN."""
+    n = tl.sum(tl.sum(mask.to(tl.float32), 1), 0)
+    k = tl.sum(tl.sum(x, 1), 0) / tl.maximum(n, 1.0)
+    return tl.where(tl.abs(k) < float("inf"), k, 0.0)
 
 
 @triton.jit
@@ -87,16 +89,21 @@ def bn_stats_kernel(
     num_tiles = tl.cdiv(O, BLOCK_O) * tl.cdiv(I, BLOCK_I)
     begin, end = split_range(num_tiles, split, num_splits)
 
-    # Shifted data: every program subtracts the same per-channel value K (channel_shift).
     c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    shift = channel_shift(x_ptr, c, c_mask, sxc, CONTIG, INT64)
-    shift_3d = shift[None, None, :]
 
-    count = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
-    mean = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
+    # Shifted data: the first tile's per-channel mean is this program's shift K
+    # (tile_mean_shift), and its values the first of each lane's Welford state.
+    o0, o1, o2, i, ci, mask = tile_index(begin, c_block, O1, O2, O, I, C,
+                                         BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
+    offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    shift = tile_mean_shift(x, mask)
+    shift_3d = shift[None, None, :]
+    count = mask.to(tl.float32)
+    mean = tl.where(mask, x - shift_3d, 0.0)
     m2 = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
-    for tile in range(begin, end):
+    for tile in range(begin + 1, end):
         o0, o1, o2, i, ci, mask = tile_index(tile, c_block, O1, O2, O, I, C,
                                              BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
         offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
@@ -106,9 +113,11 @@ def bn_stats_kernel(
         mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
         m2 += tl.where(mask, delta * (x - mean), 0.0)
 
-    # Lanes -> one state per channel: fold inner then outer.
+    # Lanes -> one state per channel: fold inner then outer; the mean back to x's scale,
+    # as programs differ in their shift.
     n_oc, mu_oc, q_oc = _fold_lanes(count, mean, m2, 1)
     n_c, mu_c, q_c = _fold_lanes(n_oc, mu_oc, q_oc, 0)
+    mu_c += shift
 
     stride_part = num_splits * C
     p = partial_ptr + split * C + c
@@ -138,7 +147,6 @@ def bn_stats_kernel(
             q_acc = q_acc + q_b + d * d * n_acc * w_b
             n_acc = n_new
         var = q_acc / tl.maximum(n_acc, 1.0)  # n_acc = 0 only in masked lanes
-        mu_acc += shift
         tl.store(mean_ptr + c, mu_acc, mask=c_mask)
         if WRITE_VAR:
             tl.store(invstd_ptr + c, var, mask=c_mask)
