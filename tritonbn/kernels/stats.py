@@ -32,12 +32,12 @@ def _fold_lanes(count, mean, m2, axis: tl.constexpr):
 
 @triton.jit
 def tile_mean_shift(x, mask):
-    """Per-channel mean of the values of an [O, I, C] register tile (masked lanes hold 0),
-    the shift K subtracted before accumulating: sums then describe x - K, whose magnitude
-    is that of the spread, not of the mean. At mean 1e4 / std 1 an fp32 mean updated value
-    by value carries ~5e-4 of rounding per update, which an unshifted Welford feeds into the
-    mean. A mean, unlike a single element, is no outlier: with K = one spike of 3e4 every
-    x - K would round at 3e4's scale. 0 where the tile has no value, or an inf or a NaN."""
+    """Per-channel mean of the values of an [O, I, C] register tile (masked lanes hold 0):
+    the shift K subtracted before accumulating, so that sums describe x - K, whose
+    magnitude is that of the spread, not of the mean (unshifted, at mean 1e4 / std 1 every
+    Welford update of an fp32 mean rounds at 1e4's scale, ~5e-4). A mean, unlike a single
+    element, is no outlier: with K = one spike of 3e4, every x - K would round at 3e4's
+    scale. 0 where the tile has no value, or an inf or a NaN."""
     n = tl.sum(tl.sum(mask.to(tl.float32), 1), 0)
     k = tl.sum(tl.sum(x, 1), 0) / tl.maximum(n, 1.0)
     return tl.where(tl.abs(k) < float("inf"), k, 0.0)
