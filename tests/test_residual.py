@@ -131,15 +131,20 @@ def test_residual_traffic(kernel_path, relu, monkeypatch):
 
 def test_residual_errors():
     """A residual the kernels cannot add raises, on the kernel path and on torch's path
-    (float64); torch's own checks on the BatchNorm arguments come first."""
+    (float64), before the running statistics change; on the kernel path torch's own
+    checks on the BatchNorm arguments come first."""
     x = make_tensor(SHAPE)
     bad = [make_tensor((4, 6, 5, 1)),                  # would broadcast
            make_tensor(SHAPE, torch.float16),          # another dtype
            1.0]                                        # not a tensor
     for residual in bad:
         for inp, z in ((x, residual), (x.double(), residual)):
+            stats = [torch.zeros(SHAPE[1], dtype=inp.dtype, device=DEVICE),
+                     torch.ones(SHAPE[1], dtype=inp.dtype, device=DEVICE)]
             with pytest.raises(RuntimeError, match="residual must be a tensor"):
-                tritonbn.batch_norm(inp, None, None, training=True, residual=z)
+                tritonbn.batch_norm(inp, *stats, training=True, residual=z)
+            assert torch.equal(stats[0], torch.zeros_like(stats[0]))
+            assert torch.equal(stats[1], torch.ones_like(stats[1]))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         tritonbn.batch_norm(x[:1, :, :1, :1], None, None, training=True, residual=1.0)
 

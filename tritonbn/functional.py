@@ -283,12 +283,13 @@ def _forward_mode_ad(transformed: bool, *tensors) -> bool:
 def _by_torch(input, running_mean, running_var, weight, bias, training, momentum, eps,
               num_batches_tracked, relu, residual) -> Tensor:
     """The call computed by torch's BatchNorm (and +, ReLU): inputs the kernels do not
-    take, and forward-mode AD, whose formulas torch has. torch's checks come first, then
-    the residual's. momentum=None: torch's module reads the count on the host too."""
+    take, and forward-mode AD, whose formulas torch has. The residual is checked first,
+    so that a bad one raises before torch updates the running statistics.
+    momentum=None: torch's module reads the count on the host too."""
+    _check_residual(input, residual)
     if momentum is None:
         momentum = 1.0 / float(num_batches_tracked)
     out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    _check_residual(input, residual)
     out = out if residual is None else out + residual
     return F.relu(out) if relu else out
 

@@ -8,8 +8,8 @@ with f = momentum, or f = 1 / num_batches_tracked (cumulative average, momentum=
 
 Parallel layout: grid = (channel blocks, splits). Each program walks a contiguous range of
 ``[BLOCK_O, BLOCK_I, BLOCK_C]`` tiles keeping one Welford state per lane (count, mean, M2)
-of x - K, K the per-channel mean of its first tile, folds its lanes into one (count, mean,
-M2) per channel and stores it, mean + K, as a partial. The last
+of x - K (K per channel, the same in every program), folds its lanes into one (count,
+mean, M2) per channel and stores it as a partial. The last
 program of a channel block to arrive merges the partials of all splits with Chan's formula
 in split order (deterministic: same input, same bits), then writes mean / invstd and
 updates the running statistics in place. One launch, no memset, no host synchronisation.
@@ -22,9 +22,13 @@ from .tiles import arrive_is_last, split_range, tile_index, tile_offsets
 
 @triton.jit
 def _fold_lanes(count, mean, m2, axis: tl.constexpr):
-    """Merge Welford states along ``axis`` (exact parallel formula, fp32)."""
+    """Merge Welford states along ``axis`` (exact parallel formula, fp32). The sum of
+    count * mean is taken at 2^-32 scale: powers of two scale exactly, so the result is
+    bit for bit the unscaled one, except that finite means cannot overflow it (counts sum
+    to less than 2^31) and means below 2^-94 in magnitude lose bits as subnormals."""
     n = tl.sum(count, axis)
-    mu = tl.sum(count * mean, axis) / tl.maximum(n, 1.0)
+    mu = tl.sum(count * (mean * 2.3283064365386963e-10), axis) / tl.maximum(n, 1.0)
+    mu = mu * 4294967296.0
     d = mean - tl.expand_dims(mu, axis)
     q = tl.sum(m2 + count * d * d, axis)
     return n, mu, q
@@ -32,14 +36,45 @@ def _fold_lanes(count, mean, m2, axis: tl.constexpr):
 
 @triton.jit
 def tile_mean_shift(x, mask):
-    """Per-channel mean of the values of an [O, I, C] register tile (masked lanes hold 0):
-    the shift K subtracted before accumulating, so that sums describe x - K, whose
-    magnitude is that of the spread, not of the mean (unshifted, at mean 1e4 / std 1 every
-    Welford update of an fp32 mean rounds at 1e4's scale, ~5e-4). A mean, unlike a single
-    element, is no outlier: with K = one spike of 3e4, every x - K would round at 3e4's
-    scale. 0 where the tile has no value, or an inf or a NaN."""
+    """The single-pass kernel's shift K: the per-channel mean of an [O, I, C] register tile
+    holding whole channels (masked lanes hold 0), each value scaled by 1/n before the sum
+    so that no finite input overflows it. Sums then describe x - K, whose magnitude is
+    that of the spread, not of the mean, and the mean of x - K corrects K (a corrected
+    two-pass). 0 where the tile has no value, or an inf or a NaN."""
     n = tl.sum(tl.sum(mask.to(tl.float32), 1), 0)
-    k = tl.sum(tl.sum(x, 1), 0) / tl.maximum(n, 1.0)
+    k = tl.sum(tl.sum(x * (1.0 / tl.maximum(n, 1.0))[None, None, :], 1), 0)
+    return tl.where(tl.abs(k) < float("inf"), k, 0.0)
+
+
+@triton.jit
+def _element(x_ptr, o, i, c, c_mask, O1, O2, sx0, sx1, sx2, sxi, sxc, INT64: tl.constexpr):
+    """x[o, c, i] in fp32 for a [BLOCK_C] vector of channels (o a flat outer index; o and
+    i spread over c's shape, which also makes tensors of constants)."""
+    o = o + tl.zeros_like(c)
+    i = i + tl.zeros_like(c)
+    if INT64:
+        o = o.to(tl.int64)
+        i = i.to(tl.int64)
+        c = c.to(tl.int64)
+    o2 = o % O2
+    o01 = o // O2
+    offs = (o01 // O1) * sx0 + (o01 % O1) * sx1 + o2 * sx2 + i * sxi + c * sxc
+    return tl.load(x_ptr + offs, mask=c_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def median_shift(x_ptr, c, c_mask, O1, O2, O, I, sx0, sx1, sx2, sxi, sxc,
+                 INT64: tl.constexpr):
+    """The split path's shift K, the same in every program of a channel: the median of
+    the channel's first, middle and last values. Sums then describe x - K, whose magnitude
+    is that of the spread, not of the mean (unshifted, at mean 1e4 / std 1 every Welford
+    update of an fp32 mean rounds at 1e4's scale, ~5e-4), and the partials merge in that
+    shifted space. A median, unlike the first value alone, is no single outlier: with
+    K = a spike of 3e4, every x - K would round at 3e4's scale."""
+    a = _element(x_ptr, 0, 0, c, c_mask, O1, O2, sx0, sx1, sx2, sxi, sxc, INT64)
+    b = _element(x_ptr, O // 2, I // 2, c, c_mask, O1, O2, sx0, sx1, sx2, sxi, sxc, INT64)
+    z = _element(x_ptr, O - 1, I - 1, c, c_mask, O1, O2, sx0, sx1, sx2, sxi, sxc, INT64)
+    k = tl.maximum(tl.minimum(a, b), tl.minimum(tl.maximum(a, b), z))
     return tl.where(tl.abs(k) < float("inf"), k, 0.0)
 
 
@@ -92,18 +127,14 @@ def bn_stats_kernel(
     c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
 
-    # Shifted data: the first tile's per-channel mean is this program's shift K
-    # (tile_mean_shift), and its values the first of each lane's Welford state.
-    o0, o1, o2, i, ci, mask = tile_index(begin, c_block, O1, O2, O, I, C,
-                                         BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
-    offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    shift = tile_mean_shift(x, mask)
+    # Shifted data: every program subtracts the same per-channel value K (median_shift).
+    shift = median_shift(x_ptr, c, c_mask, O1, O2, O, I, sx0, sx1, sx2, sxi, sxc, INT64)
     shift_3d = shift[None, None, :]
-    count = mask.to(tl.float32)
-    mean = tl.where(mask, x - shift_3d, 0.0)
+
+    count = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
+    mean = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
-    for tile in range(begin + 1, end):
+    for tile in range(begin, end):
         o0, o1, o2, i, ci, mask = tile_index(tile, c_block, O1, O2, O, I, C,
                                              BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
         offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
@@ -113,11 +144,9 @@ def bn_stats_kernel(
         mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
         m2 += tl.where(mask, delta * (x - mean), 0.0)
 
-    # Lanes -> one state per channel: fold inner then outer; the mean back to x's scale,
-    # as programs differ in their shift.
+    # Lanes -> one state per channel: fold inner then outer.
     n_oc, mu_oc, q_oc = _fold_lanes(count, mean, m2, 1)
     n_c, mu_c, q_c = _fold_lanes(n_oc, mu_oc, q_oc, 0)
-    mu_c += shift
 
     stride_part = num_splits * C
     p = partial_ptr + split * C + c
@@ -144,9 +173,11 @@ def bn_stats_kernel(
             d = mu_b - mu_acc
             w_b = n_b / tl.maximum(n_new, 1.0)
             mu_acc = mu_acc + d * w_b
-            q_acc = q_acc + q_b + d * d * n_acc * w_b
+            # weights first: with n_acc = 0 an overflowing d * d would make inf * 0 = NaN
+            q_acc = q_acc + q_b + n_acc * w_b * d * d
             n_acc = n_new
         var = q_acc / tl.maximum(n_acc, 1.0)  # n_acc = 0 only in masked lanes
+        mu_acc += shift
         tl.store(mean_ptr + c, mu_acc, mask=c_mask)
         if WRITE_VAR:
             tl.store(invstd_ptr + c, var, mask=c_mask)
