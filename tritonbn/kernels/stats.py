@@ -17,7 +17,7 @@ updates the running statistics in place. One launch, no memset, no host synchron
 import triton
 import triton.language as tl
 
-from .tiles import arrive_is_last, split_range, tile_index, tile_offsets
+from .tiles import arrive_is_last, outer_index, split_range, tile_index, tile_offsets
 
 
 @triton.jit
@@ -56,9 +56,8 @@ def _element(x_ptr, o, i, c, c_mask, O1, O2, sx0, sx1, sx2, sxi, sxc, INT64: tl.
         o = o.to(tl.int64)
         i = i.to(tl.int64)
         c = c.to(tl.int64)
-    o2 = o % O2
-    o01 = o // O2
-    offs = (o01 // O1) * sx0 + (o01 % O1) * sx1 + o2 * sx2 + i * sxi + c * sxc
+    o0, o1, o2 = outer_index(o, O1, O2)
+    offs = o0 * sx0 + o1 * sx1 + o2 * sx2 + i * sxi + c * sxc
     return tl.load(x_ptr + offs, mask=c_mask, other=0.0).to(tl.float32)
 
 

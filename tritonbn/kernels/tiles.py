@@ -41,9 +41,16 @@ def tile_index(tile, c_block, O1, O2, O, I, C,
         c = c.to(tl.int64)
     mask = (o < O)[:, None, None] & (i < I)[None, :, None] & (c < C)[None, None, :]
     # Row decomposition: once per row, not per element.
+    o0, o1, o2 = outer_index(o, O1, O2)
+    return o0, o1, o2, i, c, mask
+
+
+@triton.jit
+def outer_index(o, O1, O2):
+    """(o0, o1, o2) of a flat outer index o over the outer dims (O0, O1, O2)."""
     o2 = o % O2
     o01 = o // O2
-    return o01 // O1, o01 % O1, o2, i, c, mask
+    return o01 // O1, o01 % O1, o2
 
 
 @triton.jit
