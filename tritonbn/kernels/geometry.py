@@ -32,7 +32,7 @@ class Geometry:
     """Reduction geometry shared by a group of same-shaped tensors."""
 
     channels: int
-    outer_sizes: tuple[int, int, int]  # padded with 1s, slowest first
+    outer_sizes: tuple[int, int, int]  # slowest first, padded with 1s at the end
     inner_size: int
     # Per tensor: (outer strides x3, inner stride, channel stride).
     strides: tuple[tuple[int, int, int, int, int], ...]
@@ -120,7 +120,11 @@ def _coalesce(shape: tuple[int, ...], all_strides: tuple[tuple[int, ...], ...]) 
     inner, outer = merged[-1], merged[:-1]
     if len(outer) > MAX_OUTER_DIMS:  # cannot happen for <= 5-D inputs, kept as a guard
         raise NotImplementedError("tritonbn supports inputs of at most 5 dimensions")
-    outer = [[1] + [0] * n] * (MAX_OUTER_DIMS - len(outer)) + outer
+    # Padded at the end: the kernels split a flat outer index with // and % by O1 and O2
+    # (tiles.outer_index), and a size of 1 is a compile-time constant to the JIT, so the
+    # usual one or two outer dims cost no integer division (padding in front put the one
+    # dim of an NCHW input, N, in O2: two divisions per row of every tile).
+    outer = outer + [[1] + [0] * n] * (MAX_OUTER_DIMS - len(outer))
     strides = tuple(
         tuple(o[1 + k] for o in outer) + (inner[1 + k], all_strides[k][1]) for k in range(n)
     )
