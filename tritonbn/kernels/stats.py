@@ -1,4 +1,4 @@
-"""Forward statistics: per-channel mean / biased variance by a split Welford reduction.
+"""Forward statistics: per-channel mean / biased variance by a split reduction.
 
 Math, per channel c over the M = N*L values x_m:
     mean = sum(x) / M,  var = sum((x - mean)^2) / M,  invstd = 1 / sqrt(var + eps)
@@ -7,17 +7,24 @@ Math, per channel c over the M = N*L values x_m:
 with f = momentum, or f = 1 / num_batches_tracked (cumulative average, momentum=None).
 
 Parallel layout: grid = (channel blocks, splits). Each program walks a contiguous range of
-``[BLOCK_O, BLOCK_I, BLOCK_C]`` tiles keeping one Welford state per lane (count, mean, M2)
-of x - K (K per channel, the same in every program), folds its lanes into one (count,
-mean, M2) per channel and stores it as a partial. The last
-program of a channel block to arrive merges the partials of all splits with Chan's formula
-in split order (deterministic: same input, same bits), then writes mean / invstd and
-updates the running statistics in place. One launch, no memset, no host synchronisation.
+``[BLOCK_O, BLOCK_I, BLOCK_C]`` tiles keeping per lane the sums of v and v^2, v = x - K2,
+K2 a per-channel shift near the data it reads (see the kernel), and turns them into one
+(count, mean, M2) per channel, its partial, with the mean relative to K, a shift shared by
+every program. The last program of a channel block to arrive merges the partials of all
+splits with Chan's formula in split order (deterministic: same input, same bits), then
+writes mean / invstd and updates the running statistics in place. One launch, no memset,
+no host synchronisation.
+
+Per element, the loop does a subtraction, a select, an add and a fused multiply-add: a
+Welford update (count, delta, a division, two updates, masks) compiled to about 28 SASS
+instructions per fp32 value for sm_90, more than an H200 issues in the time its memory
+delivers a bf16 value (perf/kernel_report.py counts them).
 """
 import triton
 import triton.language as tl
 
-from .tiles import arrive_is_last, outer_index, split_range, tile_index, tile_offsets
+from .tiles import (aligned, arrive_is_last, outer_index, split_range, tile_index,
+                    tile_offsets)
 
 
 @triton.jit
@@ -78,6 +85,20 @@ def median_shift(x_ptr, c, c_mask, O1, O2, O, I, sx0, sx1, sx2, sxi, sxc,
 
 
 @triton.jit
+def tile_count(tile, O, I, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+               CONTIG: tl.constexpr, VEC: tl.constexpr):
+    """How many (outer, inner) positions of tile ``tile`` are inside the tensor (0 for a
+    tile past the last): the values each of its channels holds there, as tile_index's mask
+    counts them, without a per-element add."""
+    if CONTIG == 1:
+        I = aligned(I, VEC)
+    num_i_tiles = tl.cdiv(I, BLOCK_I)
+    rows = tl.minimum(tl.maximum(O - (tile // num_i_tiles) * BLOCK_O, 0), BLOCK_O)
+    cols = tl.minimum(I - (tile % num_i_tiles) * BLOCK_I, BLOCK_I)
+    return rows * cols
+
+
+@triton.jit
 def update_running_stats(run_mean_ptr, run_var_ptr, nbt_ptr, c, c_mask, mean, var, n,
                          momentum, CUMULATIVE: tl.constexpr):
     """running <- (1 - f) * running + f * batch value, in the buffers' own dtype, with the
@@ -126,26 +147,49 @@ def bn_stats_kernel(
     c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
 
-    # Shifted data: every program subtracts the same per-channel value K (median_shift).
+    # Shifts. K (median_shift) is the same in every program: the partials' means are
+    # stored relative to it and merge in that space. Each program's sums are taken
+    # relative to K2 = K + the mean of x - K over its first tile (tile_mean_shift), close
+    # to the data this program reads, so that the sums need no per-element division
+    # (a Welford update divides by its count at every element) and still lose no accuracy:
+    # if the first tile's mean is D away from the program's mean, that tile alone holds at
+    # least T * D^2 of the program's M2 (T values per channel in a tile), so
+    # s2 - s1^2 / n rounds at most (1 + tiles in the program) ulps of M2, whatever D is.
     shift = median_shift(x_ptr, c, c_mask, O1, O2, O, I, sx0, sx1, sx2, sxi, sxc, INT64)
-    shift_3d = shift[None, None, :]
-
-    count = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
-    mean = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
-    m2 = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
-    for tile in range(begin, end):
+    o0, o1, o2, i, ci, mask = tile_index(begin, c_block, O1, O2, O, I, C,
+                                         BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
+    offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    local = shift + tile_mean_shift(tl.where(mask, x - shift[None, None, :], 0.0), mask)
+    local_3d = local[None, None, :]
+    v = tl.where(mask, x - local_3d, 0.0)
+    s1 = v
+    s2 = v * v
+    # (a program with no tile, begin >= end, has begin >= the number of tiles: its mask
+    # and count are 0)
+    n = tile_count(begin, O, I, BLOCK_O, BLOCK_I, CONTIG, VEC)
+    for tile in range(begin + 1, end):
         o0, o1, o2, i, ci, mask = tile_index(tile, c_block, O1, O2, O, I, C,
                                              BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
         offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - shift_3d
-        count += mask.to(tl.float32)
-        delta = x - mean
-        mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
-        m2 += tl.where(mask, delta * (x - mean), 0.0)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.where(mask, x - local_3d, 0.0)
+        s1 += v
+        s2 += v * v
+        n += tile_count(tile, O, I, BLOCK_O, BLOCK_I, CONTIG, VEC)
 
-    # Lanes -> one state per channel: fold inner then outer.
-    n_oc, mu_oc, q_oc = _fold_lanes(count, mean, m2, 1)
-    n_c, mu_c, q_c = _fold_lanes(n_oc, mu_oc, q_oc, 0)
+    # Lanes -> one (count, mean - K, M2) per channel. Every lane of a channel has the same
+    # shift, so its sums add up: M2 = s2 - s1 * mean, negative only by rounding (then 0).
+    # s2 = inf: M2 is inf when the data are finite (a variance beyond fp32, as torch's),
+    # NaN when an inf is among them (s1 = inf, as Welford's inf - inf); a NaN stays NaN.
+    sum1 = tl.sum(tl.sum(s1, 1), 0)
+    sum2 = tl.sum(tl.sum(s2, 1), 0)
+    n_c = tl.where(c_mask, n.to(tl.float32), 0.0)
+    mean_local = sum1 / tl.maximum(n_c, 1.0)
+    q_c = tl.where(sum2 < float("inf"), sum2 - sum1 * mean_local,
+                   tl.where(tl.abs(sum1) < float("inf"), sum2, float("nan")))
+    q_c = tl.where(q_c < 0.0, 0.0, q_c)
+    mu_c = (local - shift) + mean_local
 
     stride_part = num_splits * C
     p = partial_ptr + split * C + c
