@@ -197,7 +197,7 @@ def grid_rows() -> list[dict]:
 
 # -- compiled-kernel report --------------------------------------------------------------
 KERNEL_FIELDS = ("kernel", "config", "arch", "layout", "dtype", "registers", "spill_bytes",
-                 "shared_bytes", "load_bits", "store_bits", "error")
+                 "shared_bytes", "load_bits", "store_bits", "sass_per_elem", "error")
 
 
 def kernel_report(out_dir: str, quick: bool, timeout_s: float, log) -> tuple[list, str | None]:

@@ -167,7 +167,8 @@ def _cpu_kernels(summary) -> list[str]:
     L += [f"{len(k)} config rows; {len(k) - len(failed)} compiled, registers "
           f"{min(regs, default='-')}-{max(regs, default='-')} per thread, {len(spills)} spill, "
           f"narrowest bulk load {min(loads, default='-')} bits. Full table: kernel_report.md / "
-          "kernel_report.csv.", ""]
+          "kernel_report.csv; SASS instructions per element against the issue budget of "
+          "the bytes each kernel moves: kernel_report.md, \"Instructions per element\".", ""]
     if failed:
         kinds = sorted({r["kernel"] for r in failed})
         L += [f"**{len(failed)} config rows failed to compile** ({', '.join(kinds)}), e.g.: "

@@ -20,6 +20,9 @@ Per kernel, config, arch, layout and dtype it reports:
   store_bits      narrowest global store of the big output (apply kernel only)
   load_bits_max / store_bits_max   widest such access
   vec128          every bulk load and store is 128-bit
+  sass_per_elem   SASS instructions of the tile loop (whole kernel without one) per element
+                  each thread handles per tile (cuobjdump -sass, perf/_sass.py), and in
+                  the .md against the issue budget of the bytes the kernel moves
   eligible        config_fits() keeps this config for some aligned shape in this layout
                   (a config whose block along the unit-stride axis is below
                   configs.MIN_CONTIG_BLOCK is never run in that layout)
@@ -60,6 +63,7 @@ from concurrent.futures import ProcessPoolExecutor
 import multiprocessing as mp
 
 from _ptx import analyse_ptx
+import _sass
 
 # No triton / tritonbn import at module level: the compile workers must import them with
 # TRITON_INTERPRET unset (real JITFunctions), whatever the parent process did.
@@ -85,6 +89,11 @@ BULK_STORES = {"bn_stats_kernel": (), "bn_grad_stats_kernel": (),
 # that many values per channel: NCHW (N, 256, 1, W) with W <= 256, channels_last
 # (M, 256, 1, 1) (BLOCK_C >= 16 only: smaller blocks are never chosen there).
 FUSED_KERNELS = ("bn_fused_kernel[fwd]", "bn_fused_kernel[bwd]")
+# Big-tensor values each kernel reads and writes per element, as compiled here (training
+# step, no ReLU or residual): the bytes its instructions have to keep up with.
+PASSES = {"bn_stats_kernel": 1, "bn_grad_stats_kernel": 2, "bn_apply_kernel[fwd]": 2,
+          "bn_apply_kernel[bwd]": 3, "bn_fused_kernel[fwd]": 2, "bn_fused_kernel[bwd]": 3}
+ELEM_BYTES = {"fp32": 4, "bf16": 2}
 FUSED_CHANNELS = 256
 QUICK_FUSED = ((1, 4), (16, 8))  # (BLOCK_C, num_warps) compiled by --quick
 # Flag variants: the rows above compile each kernel in the mode its launcher uses for a
@@ -130,7 +139,7 @@ QUICK_TILES = ((4, 16, 16), (1, 64, 64))
 FIELDS = ["kernel", "config", "arch", "layout", "dtype", "eligible", "registers",
           "spill_bytes", "stack_bytes", "shared_bytes", "load_bits", "load_bits_max",
           "store_bits", "store_bits_max", "other_load_bits_max", "n_bulk_loads",
-          "n_bulk_stores", "vec128", "compile_s", "error"]
+          "n_bulk_stores", "vec128", "sass_per_elem", "compile_s", "error"]
 
 
 # --------------------------------------------------------------------------- configs
@@ -357,6 +366,11 @@ def _compile_one(job: dict) -> dict:
                          BULK_LOADS[name], BULK_STORES[name])
     row = dict(job["row"])
     row.update(_resources(ck.asm["cubin"]))
+    tool = _cuobjdump()
+    if tool is not None:
+        tile = values["BLOCK_O"] * values["BLOCK_I"] * values["BLOCK_C"]
+        row["sass_per_elem"] = _sass.sass_per_elem(_sass.disassemble(ck.asm["cubin"], tool),
+                                                   tile / (32 * job["num_warps"]))
     row.update(access)
     row["shared_bytes"] = int(getattr(ck.metadata, "shared", 0) or 0)
     row["compile_s"] = round(seconds, 2)
@@ -599,15 +613,50 @@ def write_outputs(rows: list[dict], out_dir: str, wall: float, quick: bool,
     for (k, a, lay, d), g in groups.items():
         lines.append(f"| {k} | {a} | {lay} | {d} | {g['n']} | {g['elig']} | {g['vec']} "
                      f"| {g['maxreg']} |")
+    lines += issue_lines(rows)
     cols = ["kernel", "config", "arch", "layout", "dtype", "eligible", "registers",
             "spill_bytes", "shared_bytes", "load_bits", "load_bits_max", "store_bits",
-            "store_bits_max", "other_load_bits_max", "vec128"]
+            "store_bits_max", "other_load_bits_max", "vec128", "sass_per_elem"]
     lines += ["", "## Every config", "", "| " + " | ".join(cols) + " |",
               "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
     with open(os.path.join(out_dir, "kernel_report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def issue_lines(rows: list[dict]) -> list[str]:
+    """The "instructions per element" section: per kernel, layout and dtype on sm_90, the
+    default config's figure and the range over the eligible configs, next to the issue
+    budget of the bytes the kernel moves per element (perf/_sass.py)."""
+    groups: dict = {}
+    for r in rows:
+        if r["arch"] != "sm_90" or r.get("sass_per_elem") is None or \
+                r["config"].startswith("variant:"):
+            continue
+        g = groups.setdefault((r["kernel"], r["layout"], r["dtype"]), dict(default=None, elig=[]))
+        if r["config"].startswith("default:"):
+            g["default"] = r["sass_per_elem"]
+        elif r["eligible"]:
+            g["elig"].append(r["sass_per_elem"])
+    if not groups:
+        return []
+    out = ["", "## Instructions per element (sm_90)", "",
+           "SASS instructions of the kernel's tile loop (the whole kernel when it has none) "
+           "per element each thread handles per tile, against the issue budget: the "
+           "instructions an H200 can issue per element while its memory moves the bytes the "
+           "kernel reads and writes per element at its copy bandwidth (132 SMs x 4 "
+           "schedulers x 1.98 GHz, 4.3 TB/s: 7.8 per byte). Above about the budget a kernel "
+           "cannot run at memory speed. A CPU-side model from the compiled code, not a GPU "
+           "measurement.", "",
+           "| kernel | layout | dtype | bytes/element | issue budget | default config "
+           "| eligible configs (min-max) |", "|---|---|---|---|---|---|---|"]
+    for (k, lay, d), g in groups.items():
+        nbytes = PASSES[k] * ELEM_BYTES[d]
+        rng = f"{min(g['elig'])}-{max(g['elig'])}" if g["elig"] else ""
+        out.append(f"| {k} | {lay} | {d} | {nbytes} | {_sass.issue_budget(nbytes):.0f} "
+                   f"| {_fmt(g['default'])} | {rng} |")
+    return out
 
 
 def exit_code(rows: list[dict]) -> int:

@@ -19,6 +19,7 @@ if PERF not in sys.path:
     sys.path.insert(0, PERF)
 kernel_report = importlib.import_module("kernel_report")
 ptx = importlib.import_module("_ptx")
+sass = importlib.import_module("_sass")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,57 @@ def test_waves_share_one_binary(quick_report):
             by_tile.setdefault(key, set()).add((r["registers"], r["shared_bytes"]))
     differing = {key: v for key, v in by_tile.items() if len(v) != 1}
     assert by_tile and not differing, differing
+
+
+# The split path carries every shape the single-pass kernel cannot hold: its kernels must
+# leave the schedulers room (dependency stalls, other warps) at memory speed, so they may
+# use at most this share of the issue budget (perf/_sass.py). The per-element Welford
+# update the statistics kernel had used 1.8x the bf16 budget (27.7 per element).
+SPLIT_PATH_ISSUE_SHARE = 0.75
+
+
+@pytest.mark.skipif(kernel_report._cuobjdump() is None, reason="no cuobjdump in the triton wheel")
+def test_split_path_keeps_up_with_memory(quick_report):
+    """The reductions' tile loops in every config; the apply kernel, one tile per program
+    (its per-program set-up weighs more on small tiles, which only the autotuner, timing
+    them, may pick), in the default configs."""
+    _, _, rows = quick_report
+    checked = 0
+    for r in rows:
+        if r["kernel"].startswith("bn_fused_kernel") or r["config"].startswith("variant:"):
+            continue
+        if r["kernel"].startswith("bn_apply_kernel") and not r["config"].startswith("default:"):
+            continue
+        budget = sass.issue_budget(kernel_report.PASSES[r["kernel"]]
+                                   * kernel_report.ELEM_BYTES[r["dtype"]])
+        assert float(r["sass_per_elem"]) <= SPLIT_PATH_ISSUE_SHARE * budget, (r, budget)
+        checked += 1
+    assert checked == (5 + 5 + 1 + 1) * 2 * 2
+
+
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/              @!P0 BRA 0x70 ;
+        /*0030*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0040*/                   FADD R8, R4, R8 ;
+        /*0050*/                   IADD3 R2, R2, 0x10, RZ ;
+        /*0060*/               @P1 BRA 0x30 ;
+        /*0070*/                   STG.E desc[UR4][R2.64], R8 ;
+        /*0080*/                   BRA 0x80;
+"""
+
+
+def test_sass_main_loop():
+    """The tile loop is the first backward branch's range (the final self-loop comes after);
+    without a loop the whole body counts."""
+    ins = sass.instructions(SASS)
+    assert len(ins) == 9 and ins[0] == (0, "LDC R1, c[0x0][0x28]")
+    assert [a for a, _ in sass.main_loop(ins)] == [0x30, 0x40, 0x50, 0x60]
+    assert sass.sass_per_elem(SASS, 2) == 2.0
+    no_loop = "\n".join(line for line in SASS.splitlines() if "@P1 BRA" not in line)
+    assert len(sass.main_loop(sass.instructions(no_loop))) == 8
+    assert round(sass.issue_budget(4)) == 31
 
 
 PTX = """
