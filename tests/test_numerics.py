@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tritonbn
-from tests.reference import Call, check_call, make_params, make_tensor
+from tests.reference import DEVICE, Call, check_call, make_params, make_tensor
 
 # Every test in this file runs on both kernel paths (conftest.kernel_path).
 pytestmark = pytest.mark.usefixtures("kernel_path")
@@ -112,6 +112,36 @@ def test_variance_beyond_fp32(shape):
     torch.testing.assert_close(running_mean.double(), mean64, rtol=1e-6, atol=0)
     assert torch.isinf(running_var).all(), running_var
     assert torch.equal(y, torch.zeros_like(y))
+
+
+def test_values_near_fp32_max():
+    """+-1e38 with random signs: every sum of x - K may overflow fp32 (the sums of x - K are
+    taken at 2^-32 scale). The mean must come out right (to the rounding of 1e38, whose
+    ulp is 1e31), the variance (~1e76) inf and the output 0, as torch's; without the
+    scaling the split path gave a NaN mean."""
+    x = torch.randn(8, 2, 64, device=DEVICE).sign() * 1e38
+    running_mean, running_var = torch.zeros(2, device=x.device), torch.ones(2, device=x.device)
+    y = tritonbn.batch_norm(x, running_mean, running_var, None, None, True, 1.0, 1e-5)
+    torch.testing.assert_close(running_mean.double(), x.double().mean((0, 2)), rtol=0, atol=1e32)
+    assert torch.isinf(running_var).all(), running_var
+    assert torch.equal(y, torch.zeros_like(y))
+
+
+def test_shift_sample_holds_a_full_tile(sm_count):
+    """The split path's sums are shifted by the mean of a sample tile of each program. With
+    (3, 2, 513) in the interpreter's 512-wide tiles and two programs per channel, the
+    second program's first tile is the 513th column of row 1, one value: it takes its
+    next tile instead, or a spike there becomes the shift of every sum (variance 4e-5 off
+    float64; 1e-3 with 99 rows). The control spike sits in a full tile."""
+    sm_count(1)
+    for where in ((1, 512), (1, 511)):
+        x = make_tensor((3, 2, 513))
+        x[where[0], :, where[1]] = 1000.0
+        running_mean = torch.zeros(2, device=x.device)
+        running_var = torch.ones(2, device=x.device)
+        tritonbn.batch_norm(x, running_mean, running_var, None, None, True, 1.0, 1e-5)
+        var64 = x.double().var((0, 2))
+        torch.testing.assert_close(running_var.double(), var64, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("dtype,mean,std", [

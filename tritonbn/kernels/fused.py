@@ -32,8 +32,9 @@ import triton.language as tl
 
 from .grad_stats import (channel_scale, load_channel_stats, pre_activation, relu,
                          relu_backward, store_grad_params)
-from .stats import tile_mean_shift, update_running_stats
-from .tiles import tile_index, tile_offsets
+from .stats import (SUM_SCALE, SUM_UNSCALE, shifted_m2, tile_mean_shift,
+                    update_running_stats)
+from .tiles import channel_sum, tile_index, tile_offsets
 
 
 @triton.jit(do_not_specialize=["KEY_M", "KEY_C"])
@@ -100,23 +101,27 @@ def bn_fused_kernel(
                 dz_offs = tile_offsets(o0, o1, o2, i, c, sdz0, sdz1, sdz2, sdzi, sdzc,
                                        CONTIG, VEC)
                 tl.store(dz_ptr + dz_offs, dy.to(dz_ptr.dtype.element_ty), mask=mask)
-        sum_dy = tl.sum(tl.sum(dy, 1), 0)
         if needs_x:
-            sum_dy_xmu = tl.sum(tl.sum(dy * xmu, 1), 0)
+            sum_dy = channel_sum(dy)
+            sum_dy_xmu = channel_sum(dy * xmu)
         else:
+            sum_dy = channel_sum(dy)
             sum_dy_xmu = sum_dy  # unused: no grad_weight and no batch statistics
         store_grad_params(grad_weight_ptr, grad_bias_ptr, c, c_mask, sum_dy, sum_dy_xmu,
                           invstd, HAS_GRAD_WEIGHT, HAS_GRAD_BIAS)
     else:
-        # Two-pass statistics over the tile in registers, of x - K with K the channel's
-        # mean in a first sum (stats.tile_mean_shift), corrected by the mean of x - K,
-        # which, near 0, is exact where a sum of x rounds at x's scale; masked lanes hold 0.
-        shift = tile_mean_shift(x, mask)
+        # Two-pass statistics over the tile in registers: K, the channel's mean in a first
+        # sum (stats.tile_mean_shift), then the sums of x - K and of its square, which do
+        # not wait for each other. x - K is the spread, not the mean, so its sum, near 0,
+        # is exact where a sum of x rounds at x's scale, and its square loses nothing to
+        # the mean's (var = mean((x - K)^2) - mean(x - K)^2, the second term a rounding
+        # error of K's; stats.shifted_m2). Masked lanes hold 0.
         m = tl.zeros([BLOCK_C], tl.float32) + O * I
+        shift = tile_mean_shift(x, m)
         xk = tl.where(mask, x - shift[None, None, :], 0.0)
-        mean_k = tl.sum(tl.sum(xk, 1), 0) / m
-        xmu_k = tl.where(mask, xk - mean_k[None, None, :], 0.0)
-        var = tl.sum(tl.sum(xmu_k * xmu_k, 1), 0) / m
+        sum_k_scaled = channel_sum(xk * SUM_SCALE)
+        mean_k = sum_k_scaled / m * SUM_UNSCALE
+        var = shifted_m2(sum_k_scaled, channel_sum(xk * xk), mean_k) / m
         mean = mean_k + shift
         xmu = tl.where(mask, x - mean[None, None, :], 0.0)
         invstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))

@@ -22,7 +22,8 @@ partial sums per split, and the last program of a channel block sums them in spl
 import triton
 import triton.language as tl
 
-from .tiles import arrive_is_last, split_range, tile_index, tile_offsets
+from .tiles import (arrive_is_last, channel_sum, next_tile, split_range, tile_coords,
+                    tile_index_at, tile_offsets)
 
 
 @triton.jit
@@ -126,9 +127,11 @@ def bn_grad_stats_kernel(
 
     sum_dy = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
     sum_dy_xmu = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
-    for tile in range(begin, end):
-        o0, o1, o2, i, ci, mask = tile_index(tile, c_block, O1, O2, O, I, C,
-                                             BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
+    t_o, t_i = tile_coords(begin, I, BLOCK_I)
+    for _ in range(begin, end):
+        o0, o1, o2, i, ci, mask = tile_index_at(t_o, t_i, c_block, O1, O2, O, I, C,
+                                                BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
+        t_o, t_i = next_tile(t_o, t_i, I, BLOCK_I)
         x_offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
         dy_offs = tile_offsets(o0, o1, o2, i, ci, sd0, sd1, sd2, sdi, sdc, CONTIG, VEC)
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
@@ -149,8 +152,8 @@ def bn_grad_stats_kernel(
 
     stride_part = num_splits * C
     p = partial_ptr + split * C + c
-    tl.store(p, tl.sum(tl.sum(sum_dy, 1), 0), mask=c_mask)
-    tl.store(p + stride_part, tl.sum(tl.sum(sum_dy_xmu, 1), 0), mask=c_mask)
+    tl.store(p, channel_sum(sum_dy), mask=c_mask)
+    tl.store(p + stride_part, channel_sum(sum_dy_xmu), mask=c_mask)
 
     if arrive_is_last(counter_ptr + c_block, num_splits):
         # Splits merged per step: a [BLOCK_S, BLOCK_C] slab of at most 2048 partials.

@@ -23,8 +23,15 @@ delivers a bf16 value (perf/kernel_report.py counts them).
 import triton
 import triton.language as tl
 
-from .tiles import (aligned, arrive_is_last, outer_index, split_range, tile_index,
-                    tile_offsets)
+from .tiles import (arrive_is_last, channel_sum, next_tile, outer_index, split_range,
+                    tile_coords, tile_index_at, tile_offsets)
+
+
+# Sums of values that may be near fp32's limit are taken at 2^-32 scale: a power of two
+# scales exactly (bar subnormals, below 2^-94 ~ 5e-29 after scaling), and 2^31 values of
+# any finite magnitude then sum without overflow.
+SUM_SCALE = tl.constexpr(2.3283064365386963e-10)
+SUM_UNSCALE = tl.constexpr(4294967296.0)
 
 
 @triton.jit
@@ -34,23 +41,37 @@ def _fold_lanes(count, mean, m2, axis: tl.constexpr):
     bit for bit the unscaled one, except that finite means cannot overflow it (counts sum
     to less than 2^31) and means below 2^-94 in magnitude lose bits as subnormals."""
     n = tl.sum(count, axis)
-    mu = tl.sum(count * (mean * 2.3283064365386963e-10), axis) / tl.maximum(n, 1.0)
-    mu = mu * 4294967296.0
+    mu = tl.sum(count * (mean * SUM_SCALE), axis) / tl.maximum(n, 1.0)
+    mu = mu * SUM_UNSCALE
     d = mean - tl.expand_dims(mu, axis)
     q = tl.sum(m2 + count * d * d, axis)
     return n, mu, q
 
 
 @triton.jit
-def tile_mean_shift(x, mask):
-    """The single-pass kernel's shift K: the per-channel mean of an [O, I, C] register tile
-    holding whole channels (masked lanes hold 0), each value scaled by 1/n before the sum
-    so that no finite input overflows it. Sums then describe x - K, whose magnitude is
-    that of the spread, not of the mean, and the mean of x - K corrects K (a corrected
-    two-pass). 0 where the tile has no value, or an inf or a NaN."""
-    n = tl.sum(tl.sum(mask.to(tl.float32), 1), 0)
-    k = tl.sum(tl.sum(x * (1.0 / tl.maximum(n, 1.0))[None, None, :], 1), 0)
+def tile_mean_shift(x, n):
+    """A per-channel shift K near the data: the mean of an [O, I, C] register tile (masked
+    lanes hold 0) whose channels each hold ``n`` values, each value scaled by 1/n before
+    the sum so that no finite input overflows it. Sums then describe x - K, whose
+    magnitude is that of the spread, not of the mean. 0 where the tile has no value, or an
+    inf or a NaN."""
+    k = channel_sum(x * (1.0 / tl.maximum(n, 1.0)))
     return tl.where(tl.abs(k) < float("inf"), k, 0.0)
+
+
+@triton.jit
+def shifted_m2(sum1_scaled, sum2, mean):
+    """M2 = sum((v - mean)^2) from sum1_scaled = sum(v) * 2^-32 (SUM_SCALE: the sum of
+    values near fp32's limit cannot overflow), sum2 = sum(v^2) and mean = sum(v) / n, as
+    sum2 - sum(v) * mean: negative only by rounding (then 0). With sum2 = inf it is inf when
+    the values are finite (a variance beyond fp32, as torch's; sum(v) * mean may overflow
+    too, and inf - inf would be NaN) and NaN when an inf is among them (sum(v) = inf, as
+    Welford's inf - inf); a NaN stays NaN."""
+    # (sum2 finite: |sum(v)| <= sqrt(n * sum2) is finite too, and unscaled first, so that
+    # sum(v) * mean does not underflow where v^2 is subnormal)
+    m2 = tl.where(sum2 < float("inf"), sum2 - (sum1_scaled * SUM_UNSCALE) * mean,
+                  tl.where(tl.abs(sum1_scaled) < float("inf"), sum2, float("nan")))
+    return tl.where(m2 < 0.0, 0.0, m2)
 
 
 @triton.jit
@@ -85,16 +106,12 @@ def median_shift(x_ptr, c, c_mask, O1, O2, O, I, sx0, sx1, sx2, sxi, sxc,
 
 
 @triton.jit
-def tile_count(tile, O, I, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-               CONTIG: tl.constexpr, VEC: tl.constexpr):
-    """How many (outer, inner) positions of tile ``tile`` are inside the tensor (0 for a
-    tile past the last): the values each of its channels holds there, as tile_index's mask
-    counts them, without a per-element add."""
-    if CONTIG == 1:
-        I = aligned(I, VEC)
-    num_i_tiles = tl.cdiv(I, BLOCK_I)
-    rows = tl.minimum(tl.maximum(O - (tile // num_i_tiles) * BLOCK_O, 0), BLOCK_O)
-    cols = tl.minimum(I - (tile % num_i_tiles) * BLOCK_I, BLOCK_I)
+def tile_count(t_o, t_i, O, I, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    """How many (outer, inner) positions of the tile at (t_o, t_i) are inside the tensor (0
+    for a tile past the last): the values each of its channels holds there, as
+    tile_index_at's mask counts them, without a per-element add."""
+    rows = tl.minimum(tl.maximum(O - t_o * BLOCK_O, 0), BLOCK_O)
+    cols = tl.minimum(I - t_i * BLOCK_I, BLOCK_I)
     return rows * cols
 
 
@@ -149,46 +166,56 @@ def bn_stats_kernel(
 
     # Shifts. K (median_shift) is the same in every program: the partials' means are
     # stored relative to it and merge in that space. Each program's sums are taken
-    # relative to K2 = K + the mean of x - K over its first tile (tile_mean_shift), close
-    # to the data this program reads, so that the sums need no per-element division
-    # (a Welford update divides by its count at every element) and still lose no accuracy:
-    # if the first tile's mean is D away from the program's mean, that tile alone holds at
-    # least T * D^2 of the program's M2 (T values per channel in a tile), so
-    # s2 - s1^2 / n rounds at most (1 + tiles in the program) ulps of M2, whatever D is.
+    # relative to K2 = K + the mean of x - K over a sample tile of its own (its first, or
+    # its second when that holds more values: a first tile at the end of a row of tiles may
+    # hold a single column), close to the data this program reads, so that the sums need
+    # no per-element division (a Welford update divides by its count at every element)
+    # and still lose no accuracy: if the sample's mean is D away from the program's mean,
+    # the sample alone holds at least T * D^2 of the program's M2 (T values per channel in
+    # it), so the cancellation in s2 - s1^2 / n multiplies the rounding error of s2 by at
+    # most 1 + n / T, whatever D is. s1 sums v * 2^-32 (exact; fused into the add), so that
+    # values near fp32's limit cannot overflow it.
     shift = median_shift(x_ptr, c, c_mask, O1, O2, O, I, sx0, sx1, sx2, sxi, sxc, INT64)
-    o0, o1, o2, i, ci, mask = tile_index(begin, c_block, O1, O2, O, I, C,
-                                         BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
+    # (a program with no tile, begin >= end, has begin >= the number of tiles: its masks
+    # and counts are 0)
+    b_o, b_i = tile_coords(begin, I, BLOCK_I)
+    n_o, n_i = next_tile(b_o, b_i, I, BLOCK_I)
+    n_first = tile_count(b_o, b_i, O, I, BLOCK_O, BLOCK_I)
+    n_next = tl.where(begin + 1 < end, tile_count(n_o, n_i, O, I, BLOCK_O, BLOCK_I), 0)
+    take_next = n_next > n_first
+    sample = tl.where(take_next, begin + 1, begin)
+    n = tl.maximum(n_first, n_next)
+    o0, o1, o2, i, ci, mask = tile_index_at(tl.where(take_next, n_o, b_o),
+                                            tl.where(take_next, n_i, b_i), c_block, O1, O2,
+                                            O, I, C, BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG,
+                                            VEC)
     offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    local = shift + tile_mean_shift(tl.where(mask, x - shift[None, None, :], 0.0), mask)
+    local = shift + tile_mean_shift(tl.where(mask, x - shift[None, None, :], 0.0),
+                                    n.to(tl.float32))
     local_3d = local[None, None, :]
     v = tl.where(mask, x - local_3d, 0.0)
-    s1 = v
+    s1 = v * SUM_SCALE
     s2 = v * v
-    # (a program with no tile, begin >= end, has begin >= the number of tiles: its mask
-    # and count are 0)
-    n = tile_count(begin, O, I, BLOCK_O, BLOCK_I, CONTIG, VEC)
-    for tile in range(begin + 1, end):
-        o0, o1, o2, i, ci, mask = tile_index(tile, c_block, O1, O2, O, I, C,
-                                             BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
-        offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.where(mask, x - local_3d, 0.0)
-        s1 += v
-        s2 += v * v
-        n += tile_count(tile, O, I, BLOCK_O, BLOCK_I, CONTIG, VEC)
+    t_o, t_i = b_o, b_i
+    for tile in range(begin, end):
+        if tile != sample:
+            o0, o1, o2, i, ci, mask = tile_index_at(t_o, t_i, c_block, O1, O2, O, I, C, BLOCK_O,
+                                                    BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
+            offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            v = tl.where(mask, x - local_3d, 0.0)
+            s1 += v * SUM_SCALE
+            s2 += v * v
+            n += tile_count(t_o, t_i, O, I, BLOCK_O, BLOCK_I)
+        t_o, t_i = next_tile(t_o, t_i, I, BLOCK_I)
 
     # Lanes -> one (count, mean - K, M2) per channel. Every lane of a channel has the same
-    # shift, so its sums add up: M2 = s2 - s1 * mean, negative only by rounding (then 0).
-    # s2 = inf: M2 is inf when the data are finite (a variance beyond fp32, as torch's),
-    # NaN when an inf is among them (s1 = inf, as Welford's inf - inf); a NaN stays NaN.
-    sum1 = tl.sum(tl.sum(s1, 1), 0)
-    sum2 = tl.sum(tl.sum(s2, 1), 0)
+    # shift, so its sums add up.
+    sum1_scaled = channel_sum(s1)
     n_c = tl.where(c_mask, n.to(tl.float32), 0.0)
-    mean_local = sum1 / tl.maximum(n_c, 1.0)
-    q_c = tl.where(sum2 < float("inf"), sum2 - sum1 * mean_local,
-                   tl.where(tl.abs(sum1) < float("inf"), sum2, float("nan")))
-    q_c = tl.where(q_c < 0.0, 0.0, q_c)
+    mean_local = sum1_scaled / tl.maximum(n_c, 1.0) * SUM_UNSCALE
+    q_c = shifted_m2(sum1_scaled, channel_sum(s2), mean_local)
     mu_c = (local - shift) + mean_local
 
     stride_part = num_splits * C
