@@ -144,6 +144,39 @@ def test_shift_sample_holds_a_full_tile(sm_count):
         torch.testing.assert_close(running_var.double(), var64, rtol=1e-5, atol=0)
 
 
+def test_sample_unlike_its_program(sm_count):
+    """Split path: each program's sums are shifted by its sample tile's mean. Here every
+    program's first tile is padding (0) among values 1000 + 30 N(0, 1) (4 programs of 49
+    tiles per channel in the interpreter's 512-wide tiles): the sums cancel ~50x more than
+    they should unless the program sums again with the mean it found. Variance error
+    against float64 on this data (explicit generator, seed 3): 5.4e-6 without the second
+    sum (seeds 0-5: 2.5e-7 to 5.4e-6), 9.7e-8 with it; torch's CPU kernel 9.0e-8."""
+    sm_count(1)
+    g = torch.Generator().manual_seed(3)
+    x = (1000 + 30 * torch.randn(1, 1, 100352, generator=g)).to(DEVICE)
+    for program in range(4):
+        x[..., program * 49 * 512: program * 49 * 512 + 512] = 0.0
+    running_mean, running_var = torch.zeros(1, device=x.device), torch.ones(1, device=x.device)
+    tritonbn.batch_norm(x, running_mean, running_var, None, None, True, 1.0, 1e-5)
+    torch.testing.assert_close(running_var.double(), x.double().var().reshape(1), rtol=5e-7,
+                               atol=0)
+
+
+@pytest.mark.parametrize("value", [1e26, -6.47e24, 3e30, -3.3e5, 1e-30, 1e-33])
+def test_constant_channel_has_zero_variance(value):
+    """A constant channel: variance exactly 0 and mean exactly the constant, as torch's,
+    from 1e-33 to 3e30. The single-pass kernel's mean of x - K differs from 0 by the
+    rounding of K; a variance taken as mean((x - K)^2) - mean(x - K)^2 then came out inf
+    above ~6e24 (the square of that rounding overflows). (Below ~1e-35 the sums, scaled
+    so that no finite input overflows them, lose the last bits of a mean to subnormals:
+    7e-38 comes out 6.999996e-38.)"""
+    x = torch.full((3, 2, 5, 7), value, device=DEVICE)
+    running_mean, running_var = torch.zeros(2, device=x.device), torch.ones(2, device=x.device)
+    tritonbn.batch_norm(x, running_mean, running_var, None, None, True, 1.0, 1e-5)
+    assert torch.equal(running_var, torch.zeros_like(running_var)), running_var
+    assert torch.equal(running_mean, x[0, :, 0, 0]), running_mean
+
+
 @pytest.mark.parametrize("dtype,mean,std", [
     (torch.float32, 1e3, 1.0),  # the design note's case: naive var would be negative
     (torch.float16, 3e4, 1e3),  # near fp16's max: squares overflow fp16, not fp32

@@ -17,7 +17,8 @@ from .geometry import Geometry
 from .tiles import CONTIG_CHANNEL, CONTIG_INNER
 
 # Tile volumes: 1024 elements with 4 warps (8 per thread) and 4096 with 8 warps (16 per
-# thread). Larger tiles spill the fp32 Welford state (3 values per element) on sm_90.
+# thread). Larger tiles spilled the fp32 Welford state the statistics kernel kept (3 values
+# per element) on sm_90; its shifted sums keep 2.
 VOLUME_WARPS = {1024: 4, 4096: 8}
 BLOCK_O_CHOICES = (1, 4)
 # Powers of 4 keep the space small while covering 1 .. 4096 along inner / channel axes.

@@ -32,8 +32,7 @@ import triton.language as tl
 
 from .grad_stats import (channel_scale, load_channel_stats, pre_activation, relu,
                          relu_backward, store_grad_params)
-from .stats import (SUM_SCALE, SUM_UNSCALE, shifted_m2, tile_mean_shift,
-                    update_running_stats)
+from .stats import tile_mean_shift, update_running_stats
 from .tiles import channel_sum, tile_index, tile_offsets
 
 
@@ -110,18 +109,21 @@ def bn_fused_kernel(
         store_grad_params(grad_weight_ptr, grad_bias_ptr, c, c_mask, sum_dy, sum_dy_xmu,
                           invstd, HAS_GRAD_WEIGHT, HAS_GRAD_BIAS)
     else:
-        # Two-pass statistics over the tile in registers: K, the channel's mean in a first
-        # sum (stats.tile_mean_shift), then the sums of x - K and of its square, which do
-        # not wait for each other. x - K is the spread, not the mean, so its sum, near 0,
-        # is exact where a sum of x rounds at x's scale, and its square loses nothing to
-        # the mean's (var = mean((x - K)^2) - mean(x - K)^2, the second term a rounding
-        # error of K's; stats.shifted_m2). Masked lanes hold 0.
+        # Two-pass statistics over the tile in registers, of x - K with K the channel's
+        # mean in a first sum (stats.tile_mean_shift), corrected by the mean of x - K,
+        # which, near 0, is exact where a sum of x rounds at x's scale; then the centred
+        # sum of squares (a constant channel gets exactly 0, where a sum of (x - K)^2
+        # minus M * mean(x - K)^2 could round, or overflow for a constant above ~1e24).
+        # The mean of x - K sums values scaled by 1 / (BLOCK_O * BLOCK_I), a power of two
+        # (exact unless below ~1e-34) no smaller than 1 / M: no finite input overflows it.
+        # Masked lanes hold 0.
         m = tl.zeros([BLOCK_C], tl.float32) + O * I
         shift = tile_mean_shift(x, m)
         xk = tl.where(mask, x - shift[None, None, :], 0.0)
-        sum_k_scaled = channel_sum(xk * SUM_SCALE)
-        mean_k = sum_k_scaled / m * SUM_UNSCALE
-        var = shifted_m2(sum_k_scaled, channel_sum(xk * xk), mean_k) / m
+        lanes: tl.constexpr = BLOCK_O * BLOCK_I
+        mean_k = channel_sum(xk * (1.0 / lanes)) * lanes / m
+        xmu_k = tl.where(mask, xk - mean_k[None, None, :], 0.0)
+        var = channel_sum(xmu_k * xmu_k) / m
         mean = mean_k + shift
         xmu = tl.where(mask, x - mean[None, None, :], 0.0)
         invstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))

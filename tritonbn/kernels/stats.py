@@ -116,6 +116,32 @@ def tile_count(t_o, t_i, O, I, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
 
 
 @triton.jit
+def _shifted_sums(x_ptr, begin, end, skip, local, s1, s2, n, c_block, O1, O2, O, I, C,
+                  sx0, sx1, sx2, sxi, sxc,
+                  BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
+                  INT64: tl.constexpr, CONTIG: tl.constexpr, VEC: tl.constexpr):
+    """s1 + sum of v * 2^-32 and s2 + sum of v^2 per lane, v = x - local, and n + the
+    values per channel, over tiles [begin, end) but ``skip`` (the sample tile, already
+    summed; ``end`` for none). The tile grid is walked with a row/column counter, not a
+    division per tile."""
+    local_3d = local[None, None, :]
+    t_o, t_i = tile_coords(begin, I, BLOCK_I)
+    for tile in range(begin, end):
+        if tile != skip:
+            o0, o1, o2, i, ci, mask = tile_index_at(t_o, t_i, c_block, O1, O2, O, I, C,
+                                                    BLOCK_O, BLOCK_I, BLOCK_C, INT64,
+                                                    CONTIG, VEC)
+            offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            v = tl.where(mask, x - local_3d, 0.0)
+            s1 += v * SUM_SCALE
+            s2 += v * v
+            n += tile_count(t_o, t_i, O, I, BLOCK_O, BLOCK_I)
+        t_o, t_i = next_tile(t_o, t_i, I, BLOCK_I)
+    return s1, s2, n
+
+
+@triton.jit
 def update_running_stats(run_mean_ptr, run_var_ptr, nbt_ptr, c, c_mask, mean, var, n,
                          momentum, CUMULATIVE: tl.constexpr):
     """running <- (1 - f) * running + f * batch value, in the buffers' own dtype, with the
@@ -169,12 +195,13 @@ def bn_stats_kernel(
     # relative to K2 = K + the mean of x - K over a sample tile of its own (its first, or
     # its second when that holds more values: a first tile at the end of a row of tiles may
     # hold a single column), close to the data this program reads, so that the sums need
-    # no per-element division (a Welford update divides by its count at every element)
-    # and still lose no accuracy: if the sample's mean is D away from the program's mean,
-    # the sample alone holds at least T * D^2 of the program's M2 (T values per channel in
-    # it), so the cancellation in s2 - s1^2 / n multiplies the rounding error of s2 by at
-    # most 1 + n / T, whatever D is. s1 sums v * 2^-32 (exact; fused into the add), so that
-    # values near fp32's limit cannot overflow it.
+    # no per-element division (a Welford update divides by its count at every element).
+    # If the sample's mean is D away from the program's, the cancellation in
+    # s2 - s1^2 / n multiplies the rounding error of s2 by s2 / M2 = 1 + D^2 / var, at
+    # most 1 + n / T (the sample alone holds at least T * D^2 of M2, T values per channel
+    # in it); past 2, the program sums again (below). s1 sums v * 2^-32 (exact bar
+    # deviations below ~5e-29, which turn subnormal; fused into the add), so that values
+    # near fp32's limit cannot overflow it.
     shift = median_shift(x_ptr, c, c_mask, O1, O2, O, I, sx0, sx1, sx2, sxi, sxc, INT64)
     # (a program with no tile, begin >= end, has begin >= the number of tiles: its masks
     # and counts are 0)
@@ -193,29 +220,34 @@ def bn_stats_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     local = shift + tile_mean_shift(tl.where(mask, x - shift[None, None, :], 0.0),
                                     n.to(tl.float32))
-    local_3d = local[None, None, :]
-    v = tl.where(mask, x - local_3d, 0.0)
-    s1 = v * SUM_SCALE
-    s2 = v * v
-    t_o, t_i = b_o, b_i
-    for tile in range(begin, end):
-        if tile != sample:
-            o0, o1, o2, i, ci, mask = tile_index_at(t_o, t_i, c_block, O1, O2, O, I, C, BLOCK_O,
-                                                    BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
-            offs = tile_offsets(o0, o1, o2, i, ci, sx0, sx1, sx2, sxi, sxc, CONTIG, VEC)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            v = tl.where(mask, x - local_3d, 0.0)
-            s1 += v * SUM_SCALE
-            s2 += v * v
-            n += tile_count(t_o, t_i, O, I, BLOCK_O, BLOCK_I)
-        t_o, t_i = next_tile(t_o, t_i, I, BLOCK_I)
+    v = tl.where(mask, x - local[None, None, :], 0.0)
+    s1, s2, n = _shifted_sums(x_ptr, begin, end, sample, local, v * SUM_SCALE, v * v, n,
+                              c_block, O1, O2, O, I, C, sx0, sx1, sx2, sxi, sxc,
+                              BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
 
     # Lanes -> one (count, mean - K, M2) per channel. Every lane of a channel has the same
     # shift, so its sums add up.
-    sum1_scaled = channel_sum(s1)
     n_c = tl.where(c_mask, n.to(tl.float32), 0.0)
+    sum1_scaled = channel_sum(s1)
+    sum2 = channel_sum(s2)
     mean_local = sum1_scaled / tl.maximum(n_c, 1.0) * SUM_UNSCALE
-    q_c = shifted_m2(sum1_scaled, channel_sum(s2), mean_local)
+    q_c = shifted_m2(sum1_scaled, sum2, mean_local)
+    # A sample unlike the rest of the program's data (a tile of padding among values near
+    # 1e3) costs up to sum2 / M2 times the rounding of sum2: past 2 (the sample's mean
+    # more than a standard deviation from the program's), or when sum2 overflowed on
+    # finite data, the program sums again, shifted by the mean it found. Random data
+    # never gets there; the second pass reads the program's tiles again.
+    redo = (sum2 > 2.0 * q_c) | ((sum2 == float("inf")) & (tl.abs(sum1_scaled) < float("inf")))
+    if tl.sum(redo.to(tl.int32), 0) > 0:
+        local = tl.where(tl.abs(mean_local) < float("inf"), local + mean_local, local)
+        zero = tl.zeros([BLOCK_O, BLOCK_I, BLOCK_C], tl.float32)
+        s1, s2, _ = _shifted_sums(x_ptr, begin, end, end, local, zero, zero, n, c_block,
+                                  O1, O2, O, I, C, sx0, sx1, sx2, sxi, sxc,
+                                  BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
+        sum1_scaled = channel_sum(s1)
+        sum2 = channel_sum(s2)
+        mean_local = sum1_scaled / tl.maximum(n_c, 1.0) * SUM_UNSCALE
+        q_c = shifted_m2(sum1_scaled, sum2, mean_local)
     mu_c = (local - shift) + mean_local
 
     stride_part = num_splits * C
