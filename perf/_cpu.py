@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -213,17 +214,24 @@ def kernel_report(out_dir: str, quick: bool, timeout_s: float, log) -> tuple[lis
             "json.dump(rows, open(sys.argv[5], 'w'), default=str)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     try:
-        proc = subprocess.run([sys.executable, "-c", code, PERF_DIR, REPO, out_dir,
-                               "1" if quick else "0", tmp], env=env, capture_output=True,
-                              text=True, timeout=timeout_s)
+        # A session of its own: on timeout the whole group goes, the compile workers the
+        # report spawned included (killing the child alone left them running).
+        proc = subprocess.Popen([sys.executable, "-c", code, PERF_DIR, REPO, out_dir,
+                                 "1" if quick else "0", tmp], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return [], f"kernel_report did not finish within {timeout_s:.0f} s"
         if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            tail = (stderr or stdout).strip().splitlines()[-3:]
             return [], f"kernel_report failed (exit {proc.returncode}): " + " | ".join(tail)
         with open(tmp) as f:
             rows = json.load(f)
         return [{k: r.get(k) for k in KERNEL_FIELDS} for r in rows], None
-    except subprocess.TimeoutExpired:
-        return [], f"kernel_report did not finish within {timeout_s:.0f} s"
     except Exception as e:
         return [], f"kernel_report failed: {type(e).__name__}: {e}"
     finally:
@@ -288,7 +296,7 @@ def run(quick: bool, out_dir: str, use_compile: bool, log) -> dict:
     grid = grid_rows()
     prog.step(f"program-count model: {len(grid)} rows")
     kt = time.perf_counter()
-    kernels, kerr = kernel_report(out_dir, quick, 90 if quick else 420, log)
+    kernels, kerr = kernel_report(out_dir, quick, 90 if quick else 480, log)
     if kerr:
         log(f"kernel report: {kerr}")
     prog.step(f"kernel report: {len(kernels)} rows ({time.perf_counter() - kt:.0f} s)")
