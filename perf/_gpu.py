@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.testing
 
+import _network as N
 import _providers as P
 import _shapes as S
 from _common import Progress
@@ -356,7 +357,14 @@ def run(opts, log) -> dict:
     bench = Bencher(opts, info, copy_gbps, log)
     prog = Progress(len(cases), "GPU cases")
     rows, skipped, case_s = [], [], []
+    network = []
     try:
+        # The end-to-end steps first, within network_s (at most 40% of the budget): what a
+        # user's training step gains is the headline; the cases then take what is left
+        # and list what did not fit.
+        network_s = min(getattr(opts, "network_s", 0), 0.4 * opts.budget_s)
+        if network_s > 0:
+            network = network_steps(opts, time.perf_counter() + network_s, skipped, log)
         for case in cases:
             _one_case(case, bench, deadline, case_s, rows, skipped, prog, opts)
     except KeyboardInterrupt:  # SIGTERM / Ctrl-C: keep what was measured
@@ -368,9 +376,31 @@ def run(opts, log) -> dict:
         if r.get("first_call_s") is not None:
             first[r["provider"]] = round(first.get(r["provider"], 0.0) + r["first_call_s"], 1)
     summary.update(rows=rows, skipped_budget=skipped, network_sums=network_sums(rows),
+                   network_steps=network,
                    first_call_s_total=first, cases_run=len(case_s),
                    wall_s=round(time.perf_counter() - t_start, 1))
     return summary
+
+
+def network_steps(opts, deadline, skipped, log) -> list[dict]:
+    """The end-to-end ResNet-50 training steps (perf/_network.py), a configuration at a
+    time until ``deadline``: one that runs past it is recorded as timed out (its first
+    step compiles the kernels of every layer shape), the rest as skipped."""
+    rows = []
+    for batch, dtype in N.QUICK_CONFIGS if opts.quick else N.CONFIGS:
+        label = f"network resnet50 batch {batch} {dtype}"
+        left = int(deadline - time.perf_counter())
+        if left < 10:
+            skipped.append(label)
+            continue
+        try:
+            with _Alarm(left):
+                N.run(DEVICE, configs=((batch, dtype),), autotune=opts.autotune == "all",
+                      log=log, rows=rows)
+        except (Exception, CaseTimeout) as e:
+            rows.append(dict(model="resnet50", batch=batch, dtype=dtype, error=_msg(e)))
+            torch.cuda.empty_cache()
+    return rows
 
 
 def _one_case(case, bench, deadline, case_s, rows, skipped, prog, opts):

@@ -213,6 +213,7 @@ def gpu_report(summary: dict, out_dir: str, plots: list[str]) -> str:
               + f". Cases run: {summary.get('cases_run')}, not run (budget): "
               f"{len(summary.get('skipped_budget', []))}.", ""]
     L += _gpu_host(summary)
+    L += _gpu_network_steps(summary)
     L += _gpu_network(summary)
     for phase in summary.get("phases", S.PHASES):
         L += _gpu_phase(summary, phase)
@@ -255,6 +256,34 @@ def _gpu_network(summary) -> list[str]:
     L.append(md_table(["model", "layout", "dtype", "phase", "tritonbn ms", "split ms",
                        "torch ms", "speedup vs torch"], rows))
     return L + [""]
+
+
+def _gpu_network_steps(summary) -> list[str]:
+    """perf/_network.py's rows: ResNet-50 training steps end to end."""
+    rows = summary.get("network_steps", [])
+    if not rows:
+        return []
+    table = [[r.get("batch"), r.get("dtype"), r.get("variant", "-"), r.get("step_ms"),
+              r.get("images_per_s"), r.get("speedup_vs_torch"), r.get("first_step_s"),
+              r.get("loss"), r.get("conv1_grad_rel_diff"), r.get("error", "")] for r in rows]
+    autotuned = any(r.get("autotune") for r in rows)
+    model, image = rows[0].get("model", "resnet50"), rows[0].get("image", 224)
+    return ["## ResNet-50 training step, end to end", "",
+            f"{model} (torchvision's architecture, perf/_network.py), channels_last, "
+            f"{image}x{image} images, "
+            "forward (bf16: under torch.autocast) + cross-entropy + backward, no optimizer "
+            "step. torch = torch.nn.BatchNorm2d; tritonbn = convert_model; tritonbn_fused = "
+            "fuse_relu_traced(convert_model(...)), ReLUs and shortcut adds in the BatchNorm "
+            "kernels. tritonbn with "
+            + ("autotuning" if autotuned else "its fixed default configs (TRITONBN_AUTOTUNE=0)")
+            + ". `ms/step`: median of 3 wall-time runs of 10 consecutive steps, synchronised at "
+            "both ends (the host queues ahead of the GPU as in training, so host time counts "
+            "where it exceeds the GPU's); `first step s`: the first step's wall time (kernel "
+            "compilation). `loss` of the first step on the same weights and batch, and "
+            "`conv1 grad diff`: relative L2 distance of conv1's weight gradient after it from "
+            "torch's (both sides' rounding, through every BatchNorm backward).", "",
+            md_table(["batch", "dtype", "variant", "ms/step", "images/s", "speedup vs torch",
+                      "first step s", "loss", "conv1 grad diff", "error"], table), ""]
 
 
 def _gpu_relu(summary) -> list[str]:

@@ -184,7 +184,33 @@ def gpu_plots(summary: dict, out_dir: str) -> list[str]:
                      f"(do_bench median, L2 flushed)", fontsize=11)
         _save(fig, out_dir, f"bandwidth_{phase}.png", files)
     _gpu_speedups(summary, out_dir, files, dev)
+    _gpu_network_steps(summary, out_dir, files, dev)
     return files
+
+
+def _gpu_network_steps(summary, out_dir, files, dev):
+    """Images per second of each variant of the end-to-end ResNet-50 step, per (batch,
+    dtype)."""
+    rows = [r for r in summary.get("network_steps", []) if r.get("images_per_s")]
+    if not rows:
+        return
+    configs = list(dict.fromkeys((r["batch"], r["dtype"]) for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, ax = plt.subplots(figsize=(3 + 2.2 * len(configs), 4.5))
+    width = 0.8 / len(variants)
+    for vi, v in enumerate(variants):
+        ys = [next((r["images_per_s"] for r in rows if (r["batch"], r["dtype"]) == c
+                    and r["variant"] == v), 0) for c in configs]
+        bars = ax.bar([i - 0.4 + width * (vi + 0.5) for i in range(len(configs))], ys, width,
+                      label=v)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(configs)), [f"batch {b}, {d}" for b, d in configs])
+    ax.set_ylabel("training images per second (higher is better)")
+    ax.set_title(f"{rows[0]['model']} training step (forward + backward), channels_last, {dev}",
+                 fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, out_dir, "network_resnet50.png", files)
 
 
 def _gpu_speedups(summary, out_dir, files, dev):

@@ -40,13 +40,17 @@ TRITONBN_ENV = {
 }
 
 
-@contextlib.contextmanager
 def provider_env(provider: str):
     """Sets the environment of a tritonbn provider (TRITONBN_ENV) and restores the previous
     values on exit; other providers run in the environment as it is."""
-    env = TRITONBN_ENV.get(provider, {})
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    return environ(TRITONBN_ENV.get(provider, {}))
+
+
+@contextlib.contextmanager
+def environ(values: dict):
+    """Sets the environment variables ``values`` and restores the previous values on exit."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:

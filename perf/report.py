@@ -5,10 +5,11 @@ to the hardware limit?
     python perf/report.py --quick         # a small subset (CPU mode: < 2 minutes)
     python perf/report.py --out DIR       # default perf/results/<gpu name> or perf/results/cpu
 
-GPU mode times tritonbn, torch eager (cuDNN or native, as torch picks), torch.compile and
-(when importable) apex on ResNet-50, BatchNorm1d, BatchNorm3d and small-C shapes in four
-phases, within --budget-s seconds; CPU mode (no GPU) checks accuracy against float64,
-counts tritonbn's memory traffic and launches in the Triton interpreter, models the grid on
+GPU mode times ResNet-50 training steps end to end with torch's and tritonbn's BatchNorm,
+then tritonbn, torch eager (cuDNN or native, as torch picks), torch.compile and (when
+importable) apex on ResNet-50's BatchNorm layers, BatchNorm1d, BatchNorm3d and small-C
+shapes in four phases, within --budget-s seconds; CPU mode (no GPU) checks accuracy
+against float64, counts tritonbn's memory traffic and launches in the Triton interpreter, models the grid on
 an H200 and runs perf/kernel_report.py. Both write results.csv, summary.json, report.md and
 PNG plots. Helpers: perf/_*.py.
 """
@@ -45,6 +46,10 @@ def parse_args(argv=None):
                           "case, or nowhere. First-call tuning costs seconds per new shape.")
     gpu.add_argument("--no-autotune", dest="autotune", action="store_const", const="off",
                      help="same as --autotune off")
+    gpu.add_argument("--network-s", type=float, default=75,
+                     help="seconds of the budget for ResNet-50 training steps end to end "
+                          "(torch's BatchNorm against tritonbn's, perf/_network.py), run "
+                          "first, at most 40%% of the budget; 0 leaves them out (default 75)")
     gpu.add_argument("--phases", default=",".join(("train_fwd", "bwd", "fwd_bwd", "eval_fwd")),
                      help="comma-separated subset of train_fwd,bwd,fwd_bwd,eval_fwd")
     gpu.add_argument("--rep-ms", type=int, default=30, help="do_bench rep time (ms)")

@@ -1,11 +1,13 @@
 """perf/report.py: CPU mode end to end (--quick), and GPU mode's pipeline on CPU tensors.
 
 The first test runs `perf/report.py --quick --cpu --out TMP` in a child process and checks
-its files and summary.json. The second drives GPU mode's code (cases, phases, rows,
-speedups, network sums, report.md, plots) on tiny CPU tensors with the CUDA-only calls
-stubbed out; its output lives in pytest's tmp dir only. The last two run
-perf/host_overhead.py briefly, and GPU mode's host-time rows on CPU tensors.
+its files and summary.json. The second drives GPU mode's code (end-to-end steps of a
+small ResNet, cases, phases, rows, speedups, network sums, report.md, plots) on tiny CPU
+tensors with the CUDA-only calls stubbed out; its output lives in pytest's tmp dir only.
+Others run perf/host_overhead.py briefly, GPU mode's host-time rows on CPU tensors, and
+its time-budget handling.
 """
+import functools
 import json
 import os
 import subprocess
@@ -102,6 +104,10 @@ def test_gpu_pipeline_on_cpu(tmp_path, monkeypatch):
     cases.append(S.Case("resnet50_b32+add_relu", "l1.b", (2, 4, 3, 3), "NHWC", "fp32", 1,
                         ("tritonbn_add_relu", "torch_add_relu")))
     monkeypatch.setattr(_gpu.S, "gpu_cases", lambda *a: cases)
+    # the end-to-end steps on a small ResNet, in both dtypes
+    monkeypatch.setattr(_gpu.N, "CONFIGS", ((2, "fp32"), (2, "bf16")))
+    monkeypatch.setattr(_gpu.N, "run", functools.partial(
+        _gpu.N.run, image=32, blocks=(1, 1, 1, 1), width=8, warmup=1, steps=1, repeats=1))
     opts = report.parse_args(["--phases", "train_fwd,bwd,fwd_bwd,eval_fwd", "--no-graphs", "--profile", "none"])
     opts.phases = tuple(opts.phases.split(","))
     opts.budget_s, opts.on_partial = 600, None
@@ -124,14 +130,19 @@ def test_gpu_pipeline_on_cpu(tmp_path, monkeypatch):
         "train_fwd": 3, "bwd": 4, "fwd_bwd": 7, "eval_fwd": 3}
     assert all(r["max_rel_err_vs_fp64"] < 1e-2 for r in rows if r["phase"] == "train_fwd")
     assert len(summary["network_sums"]) == 2 * 4 * 3  # layouts x phases x providers
+    steps = summary["network_steps"]
+    assert [(r["dtype"], r["variant"]) for r in steps] == [
+        (d, v) for d in ("fp32", "bf16") for v in _gpu.N.VARIANTS], steps
+    assert all(r["step_ms"] > 0 and "error" not in r for r in steps)
     n, names = _gpu._profile(lambda: torch.ones(3) + 1)  # profiler plumbing (no GPU work)
     assert n == len(names)
     summary.update(date="test", versions={}, command="test", wall_s=0)
     report.write_outputs(summary, str(tmp_path), True, lambda m: None)
     for name in ("results.csv", "summary.json", "report.md", "speedup_resnet50.png",
-                 "bandwidth_train_fwd.png"):
+                 "bandwidth_train_fwd.png", "network_resnet50.png"):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert "## BatchNorm + ReLU" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "## BatchNorm + ReLU" in md and "## ResNet-50 training step, end to end" in md
 
 
 def test_host_overhead_script_runs():
@@ -197,3 +208,28 @@ def test_cases_reach_every_group_first(monkeypatch):
     n = len(set(groups))
     assert len(set(groups[:n])) == n
     assert sorted(cases, key=str) == sorted(S._one_of_each_first(cases), key=str)
+
+
+def test_network_steps_keep_what_a_timeout_interrupts(monkeypatch):
+    """GPU mode's end-to-end steps: a configuration whose run times out keeps the rows it
+    measured and gets a timed-out row; configurations past the deadline are listed as
+    skipped (budget)."""
+    monkeypatch.syspath_prepend(PERF)
+    import _gpu
+
+    def run(device, configs, autotune, log, rows):
+        rows.append(dict(batch=configs[0][0], dtype=configs[0][1], variant="torch", step_ms=1.0))
+        raise _gpu.CaseTimeout("case took over 60 s")
+
+    monkeypatch.setattr(_gpu.N, "run", run)
+    opts = types.SimpleNamespace(quick=False, autotune="subset")
+    skipped = []
+    rows = _gpu.network_steps(opts, time.perf_counter() + 60, skipped, lambda m: None)
+    first = _gpu.N.CONFIGS[0]
+    assert rows[0] == dict(batch=first[0], dtype=first[1], variant="torch", step_ms=1.0)
+    assert rows[1]["batch"] == first[0] and "over 60 s" in rows[1]["error"]
+    # the alarm is not real here: every configuration ran, each timed out
+    assert len(rows) == 2 * len(_gpu.N.CONFIGS) and not skipped
+    skipped = []
+    assert _gpu.network_steps(opts, time.perf_counter() + 5, skipped, lambda m: None) == []
+    assert skipped == [f"network resnet50 batch {b} {d}" for b, d in _gpu.N.CONFIGS]
