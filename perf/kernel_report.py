@@ -84,10 +84,11 @@ BULK_LOADS = {"bn_stats_kernel": ("x_ptr",), "bn_grad_stats_kernel": ("x_ptr", "
 BULK_STORES = {"bn_stats_kernel": (), "bn_grad_stats_kernel": (),
                "bn_apply_kernel": ("out_ptr",), "bn_fused_kernel": ("out_ptr",)}
 # The single-pass kernel (fused.py): its tile covers a whole channel, so its shape comes
-# from the input, not from the config. Each config is compiled at its largest tile,
-# max(configs.FUSED_PER_THREAD) elements per thread (the register high-water mark), for an input of
-# that many values per channel: NCHW (N, 256, 1, W) with W <= 256, channels_last
-# (M, 256, 1, 1) (BLOCK_C >= 16 only: smaller blocks are never chosen there).
+# from the input, not from the config. Each config is compiled at its largest tile, the
+# most elements per thread of configs.FUSED_PER_THREAD within configs.FUSED_MAX_VOLUME (the
+# register high-water mark), for an input of that many values per channel: NCHW
+# (N, 256, 1, W) with W <= 256, channels_last (M, 256, 1, 1) (BLOCK_C >= 16 only: smaller
+# blocks are never chosen there).
 FUSED_KERNELS = ("bn_fused_kernel[fwd]", "bn_fused_kernel[bwd]")
 # Big-tensor values each kernel reads and writes per element, as compiled here (training
 # step, no ReLU or residual): the bytes its instructions have to keep up with.
@@ -429,9 +430,10 @@ def _fused_shape(block_c: int, num_warps: int, layout: str):
     """Input whose whole channel fills the config's largest tile, or None when that tile
     cannot hold one row of channels or, in channels_last, BLOCK_C is below 16."""
     from tritonbn.kernels import configs
-    per_channel = 32 * num_warps * max(configs.FUSED_PER_THREAD) // block_c
-    if per_channel < 1 or 32 * num_warps * max(configs.FUSED_PER_THREAD) > \
-            configs.FUSED_MAX_VOLUME:
+    tiles = [32 * num_warps * p for p in configs.FUSED_PER_THREAD
+             if 32 * num_warps * p <= configs.FUSED_MAX_VOLUME]
+    per_channel = max(tiles, default=0) // block_c
+    if per_channel < 1:
         return None
     if layout == "nchw":
         width = min(per_channel, 256)

@@ -602,7 +602,7 @@ def test_fused_fits_prune_and_default(shape, layout, fits):
         bc, volume = c.kwargs["BLOCK_C"], bo * bi * c.kwargs["BLOCK_C"]
         assert lo <= bc <= max(lo, _next_pow2(geom.channels))
         assert volume <= configs.FUSED_MAX_VOLUME
-        assert volume // (32 * c.num_warps) in (8, 16) or c.num_warps == 1
+        assert volume // (32 * c.num_warps) in (8, 16, 32) or c.num_warps == 1
     for target in (4, 264):
         for interpreted in (False, True):
             cfg = configs.fused_default_config(geom, target, interpreted)

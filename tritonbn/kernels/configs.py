@@ -114,12 +114,19 @@ def default_config(geom: Geometry, elem_size: int, interpreted: bool) -> dict:
 # ----------------------------------------------------------------------- single-pass kernel
 # fused.py holds all M values of BLOCK_C channels in one register tile. Its BLOCK_O and
 # BLOCK_I are not tuned: they are O and I rounded up to powers of two (fused_tile). Tuned:
-# BLOCK_C and num_warps, at 8 or 16 tile elements per thread (the backward keeps x and dy,
-# 2 x 16 fp32 registers per thread at most; perf/kernel_report.py checks for spills).
+# BLOCK_C and num_warps, at 8, 16 or 32 tile elements per thread (the backward keeps x and
+# dy, 2 x 32 fp32 registers per thread at most; perf/kernel_report.py compiles each config
+# at its largest tile and checks for spills). Each per-channel reduction costs a thread
+# shuffles and adds for every channel it holds, whatever its share of the channel's
+# values, so more values per thread spread that cost: compiled for sm_90, the forward over
+# channels_last bf16 (8 channels per thread) issues 66-79 instructions per element at 16
+# per thread and 44-46 at 32. The default config stays at 16 per thread until a GPU has
+# timed 32; the autotuner times both.
 FUSED_MAX_VOLUME = 8192
 FUSED_BLOCK_C_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 FUSED_WARPS_CHOICES = (1, 2, 4, 8, 16)
-FUSED_PER_THREAD = (8, 16)
+FUSED_PER_THREAD = (8, 16, 32)
+FUSED_DEFAULT_PER_THREAD = 16
 
 
 def fused_tile(geom: Geometry) -> tuple[int, int]:
@@ -142,7 +149,8 @@ def fused_fits(geom: Geometry) -> bool:
 
 
 def fused_warps_fit(volume: int, warps: int) -> bool:
-    """8 or 16 elements per thread; a tile smaller than 8 per thread of one warp gets one."""
+    """8, 16 or 32 elements per thread; a tile smaller than 8 per thread of one warp gets
+    one."""
     per_thread = volume // (32 * warps)
     return per_thread in FUSED_PER_THREAD or (warps == 1 and per_thread < min(FUSED_PER_THREAD))
 
@@ -155,7 +163,7 @@ def fused_kernel_configs() -> list[triton.Config]:
 def fused_config_fits(block_c: int, num_warps: int, block_o: int, block_i: int,
                       channels: int, contig: int, programs_target: int) -> bool:
     """Pruning for the single-pass kernel: BLOCK_C between the layout's minimum and C rounded
-    up; the tile within FUSED_MAX_VOLUME at 8 or 16 elements per thread; and a block larger
+    up; the tile within FUSED_MAX_VOLUME at 8, 16 or 32 elements per thread; and a block larger
     than the minimum only while the grid still has ``programs_target`` programs."""
     lo = _fused_min_block_c(channels, contig)
     if block_c < lo or block_c > max(lo, _pow2(channels)):
@@ -169,7 +177,7 @@ def fused_config_fits(block_c: int, num_warps: int, block_o: int, block_i: int,
 def fused_default_config(geom: Geometry, programs_target: int, interpreted: bool) -> dict:
     """Fixed config when autotuning is off: the smallest BLOCK_C, doubled while the tile stays
     within 4096 elements (512 in the interpreter) and the grid keeps ``programs_target``
-    programs; 16 elements per thread."""
+    programs; FUSED_DEFAULT_PER_THREAD elements per thread."""
     bo, bi = fused_tile(geom)
     budget = 512 if interpreted else 4096
     bc = _fused_min_block_c(geom.channels, geom.contig)
@@ -177,5 +185,5 @@ def fused_default_config(geom: Geometry, programs_target: int, interpreted: bool
            and -(-geom.channels // (bc * 2)) >= programs_target):
         bc *= 2
     volume = bo * bi * bc
-    warps = max(1, min(max(FUSED_WARPS_CHOICES), volume // (32 * max(FUSED_PER_THREAD))))
+    warps = max(1, min(max(FUSED_WARPS_CHOICES), volume // (32 * FUSED_DEFAULT_PER_THREAD)))
     return dict(BLOCK_C=bc, num_warps=warps, num_stages=NUM_STAGES)
