@@ -364,7 +364,7 @@ def run(opts, log) -> dict:
         # and list what did not fit.
         network_s = min(getattr(opts, "network_s", 0), 0.4 * opts.budget_s)
         if network_s > 0:
-            network = network_steps(opts, time.perf_counter() + network_s, skipped, log)
+            network_steps(opts, time.perf_counter() + network_s, skipped, log, network)
         for case in cases:
             _one_case(case, bench, deadline, case_s, rows, skipped, prog, opts)
     except KeyboardInterrupt:  # SIGTERM / Ctrl-C: keep what was measured
@@ -382,11 +382,11 @@ def run(opts, log) -> dict:
     return summary
 
 
-def network_steps(opts, deadline, skipped, log) -> list[dict]:
-    """The end-to-end ResNet-50 training steps (perf/_network.py), a configuration at a
-    time until ``deadline``: one that runs past it is recorded as timed out (its first
-    step compiles the kernels of every layer shape), the rest as skipped."""
-    rows = []
+def network_steps(opts, deadline, skipped, log, rows: list) -> list[dict]:
+    """The end-to-end ResNet-50 training steps (perf/_network.py) into ``rows``, as they
+    are measured (an interrupted run keeps them), a configuration at a time until
+    ``deadline``: one that runs past it is recorded as timed out (its first step compiles
+    the kernels of every layer shape), the rest as skipped."""
     for batch, dtype in N.QUICK_CONFIGS if opts.quick else N.CONFIGS:
         label = f"network resnet50 batch {batch} {dtype}"
         left = int(deadline - time.perf_counter())

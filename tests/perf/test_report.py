@@ -224,12 +224,12 @@ def test_network_steps_keep_what_a_timeout_interrupts(monkeypatch):
     monkeypatch.setattr(_gpu.N, "run", run)
     opts = types.SimpleNamespace(quick=False, autotune="subset")
     skipped = []
-    rows = _gpu.network_steps(opts, time.perf_counter() + 60, skipped, lambda m: None)
+    rows = _gpu.network_steps(opts, time.perf_counter() + 60, skipped, lambda m: None, [])
     first = _gpu.N.CONFIGS[0]
     assert rows[0] == dict(batch=first[0], dtype=first[1], variant="torch", step_ms=1.0)
     assert rows[1]["batch"] == first[0] and "over 60 s" in rows[1]["error"]
     # the alarm is not real here: every configuration ran, each timed out
     assert len(rows) == 2 * len(_gpu.N.CONFIGS) and not skipped
     skipped = []
-    assert _gpu.network_steps(opts, time.perf_counter() + 5, skipped, lambda m: None) == []
+    assert _gpu.network_steps(opts, time.perf_counter() + 5, skipped, lambda m: None, []) == []
     assert skipped == [f"network resnet50 batch {b} {d}" for b, d in _gpu.N.CONFIGS]
