@@ -264,26 +264,28 @@ def _gpu_network_steps(summary) -> list[str]:
     if not rows:
         return []
     table = [[r.get("batch"), r.get("dtype"), r.get("variant", "-"), r.get("step_ms"),
-              r.get("images_per_s"), r.get("speedup_vs_torch"), r.get("first_step_s"),
-              r.get("loss"), r.get("conv1_grad_rel_diff"), r.get("error", "")] for r in rows]
+              r.get("gpu_busy_ms"), r.get("images_per_s"), r.get("speedup_vs_torch"),
+              r.get("first_step_s"), r.get("loss_rel_err"), r.get("conv1_grad_rel_err"),
+              r.get("error", "")] for r in rows]
     autotuned = any(r.get("autotune") for r in rows)
     model, image = rows[0].get("model", "resnet50"), rows[0].get("image", 224)
     return ["## ResNet-50 training step, end to end", "",
             f"{model} (torchvision's architecture, perf/_network.py), channels_last, "
-            f"{image}x{image} images, "
-            "forward (bf16: under torch.autocast) + cross-entropy + backward, no optimizer "
-            "step. torch = torch.nn.BatchNorm2d; tritonbn = convert_model; tritonbn_fused = "
-            "fuse_relu_traced(convert_model(...)), ReLUs and shortcut adds in the BatchNorm "
-            "kernels. tritonbn with "
+            f"{image}x{image} images, forward (bf16: under torch.autocast) + cross-entropy + "
+            "backward, no optimizer step. torch = torch.nn.BatchNorm2d; tritonbn = "
+            "convert_model; tritonbn_fused = fuse_relu_traced(convert_model(...)), ReLUs and "
+            "shortcut adds in the BatchNorm kernels. tritonbn with "
             + ("autotuning" if autotuned else "its fixed default configs (TRITONBN_AUTOTUNE=0)")
-            + ". `ms/step`: median of 3 wall-time runs of 10 consecutive steps, synchronised at "
-            "both ends (the host queues ahead of the GPU as in training, so host time counts "
-            "where it exceeds the GPU's); `first step s`: the first step's wall time (kernel "
-            "compilation). `loss` of the first step on the same weights and batch, and "
-            "`conv1 grad diff`: relative L2 distance of conv1's weight gradient after it from "
-            "torch's (both sides' rounding, through every BatchNorm backward).", "",
-            md_table(["batch", "dtype", "variant", "ms/step", "images/s", "speedup vs torch",
-                      "first step s", "loss", "conv1 grad diff", "error"], table), ""]
+            + ". `ms/step`: median of 3 wall-time runs of 10 consecutive steps, synchronised "
+            "at both ends (the host queues ahead of the GPU as in training); `GPU busy ms`: "
+            "the kernel time of one step (torch.profiler): ms/step above it is time the GPU "
+            "waited for the host; `first step s`: the first step's wall time (kernel "
+            "compilation). `loss err` and `conv1 grad err`: the first step's loss and conv1 "
+            "weight gradient against the same step in float64, relative; torch's row is the "
+            "scale of its own rounding (bf16 autocast's included) to read tritonbn's against.",
+            "", md_table(["batch", "dtype", "variant", "ms/step", "GPU busy ms", "images/s",
+                          "speedup vs torch", "first step s", "loss err", "conv1 grad err",
+                          "error"], table), ""]
 
 
 def _gpu_relu(summary) -> list[str]:

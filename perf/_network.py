@@ -120,17 +120,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _gpu_busy_ms(step) -> float:
+    """Sum of the CUDA kernel times of one ``step()`` (torch.profiler; one stream, so the
+    GPU's busy time)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    cuda = torch.autograd.DeviceType.CUDA
+    return sum(e.time_range.elapsed_us() for e in prof.events()
+               if getattr(e, "device_type", None) == cuda) / 1e3
+
+
 def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype: str,
             warmup: int, steps: int, repeats: int) -> dict:
     """Step times of ``model`` on (x, target): wall time of ``steps`` consecutive steps
     (the host runs ahead of the GPU as in training; synchronised at both ends) over
     ``repeats`` repeats, after ``warmup`` steps (the first compiles the kernels: its wall
-    time is ``first_step_s``). Also the first step's loss and conv1's weight gradient."""
+    time is ``first_step_s``). On a GPU also ``gpu_busy_ms``, the kernel time of one step:
+    a step_ms well above it is time the GPU waited for the host (Python). Also the first
+    step's loss and conv1's weight gradient."""
     device = x.device
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16"
                 else contextlib.nullcontext())
 
     def step():
+        model.zero_grad(set_to_none=True)
         with autocast:
             loss = F.cross_entropy(model(x), target)
         loss.backward()
@@ -140,35 +156,48 @@ def measure(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype: str,
     t0 = time.perf_counter()
     loss = step()
     _sync(device)
-    first_step_s = time.perf_counter() - t0
-    grad = model.conv1.weight.grad.detach().float().clone()
-    loss = float(loss.detach())
+    out = dict(first_step_s=round(time.perf_counter() - t0, 2), loss=float(loss.detach()),
+               conv1_grad=model.conv1.weight.grad.detach().double().clone())
     for _ in range(warmup - 1):
-        model.zero_grad(set_to_none=True)
         step()
     times = []
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            model.zero_grad(set_to_none=True)
             step()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3 / steps)
-    return dict(step_ms=statistics.median(times), step_ms_min=min(times),
-                first_step_s=round(first_step_s, 2), loss=loss, conv1_grad=grad)
+    out.update(step_ms=statistics.median(times), step_ms_min=min(times))
+    if device.type == "cuda":
+        out["gpu_busy_ms"] = _gpu_busy_ms(step)
+    return out
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def reference_step(base: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict:
+    """The first step in float64 with torch's BatchNorm: the loss and conv1's weight
+    gradient every variant is measured against."""
+    model = copy.deepcopy(base).double()
+    loss = F.cross_entropy(model(x.double()), target)
+    loss.backward()
+    return dict(loss=float(loss), conv1_grad=model.conv1.weight.grad.detach().clone())
 
 
 def run(device: str = "cuda", configs=CONFIGS, image: int = 224, blocks=RESNET50_BLOCKS,
         width: int = 64, warmup: int = 3, steps: int = 10, repeats: int = 3,
         autotune: bool = False, log=lambda m: None, rows: list | None = None) -> list[dict]:
     """One row per (config, variant), appended to ``rows`` as it is measured (a caller that
-    stops the run keeps them): step_ms (median of ``repeats``), images_per_s, first_step_s,
-    the first step's loss, conv1_grad_rel_diff (relative L2 distance of conv1's weight
-    gradient after the first step from torch's: both sides' rounding, through every
-    BatchNorm backward), speedup_vs_torch; or an error. tritonbn runs its fixed default
-    configs unless ``autotune`` (first-call autotuning of every layer shape would take
-    minutes)."""
+    stops the run keeps them): step_ms (median of ``repeats``), gpu_busy_ms (see
+    measure), images_per_s, first_step_s, speedup_vs_torch, and the first step's loss
+    and conv1 weight gradient as relative errors against the same step in float64
+    (loss_rel_err, conv1_grad_rel_err: torch's row gives the scale of its own rounding,
+    bf16 autocast's included, for tritonbn's rows to be read against); or an error.
+    tritonbn runs its fixed default configs unless ``autotune`` (first-call autotuning of
+    every layer shape would take minutes)."""
     rows = [] if rows is None else rows
     dev = torch.device(device)
     model_name = ("resnet50" if (tuple(blocks), width) == (RESNET50_BLOCKS, 64)
@@ -180,26 +209,25 @@ def run(device: str = "cuda", configs=CONFIGS, image: int = 224, blocks=RESNET50
             x = torch.randn(batch, 3, image, image, device=dev).to(
                 memory_format=torch.channels_last)
             target = torch.randint(0, 1000, (batch,), device=dev)
-            ref = {}
+            ref = reference_step(base, x, target)
+            torch_ms = None
             for name in VARIANTS:
                 row = dict(model=model_name, batch=batch, image=image, dtype=dtype,
                            layout="channels_last", variant=name,
                            batchnorm_layers=batchnorm_layers(base), autotune=autotune)
                 try:
-                    model = variant(name, base)
-                    m = measure(model, x, target, dtype, warmup, steps, repeats)
+                    m = measure(variant(name, base), x, target, dtype, warmup, steps, repeats)
                     grad = m.pop("conv1_grad")
-                    row.update(m, images_per_s=batch / m["step_ms"] * 1e3)
+                    row.update(m, images_per_s=batch / m["step_ms"] * 1e3,
+                               loss_rel_err=abs(m["loss"] - ref["loss"]) / abs(ref["loss"]),
+                               conv1_grad_rel_err=_rel(grad, ref["conv1_grad"]))
                     if name == "torch":
-                        ref = dict(grad=grad, step_ms=m["step_ms"])
-                    elif ref:
-                        row["conv1_grad_rel_diff"] = float(
-                            (grad - ref["grad"]).norm() / ref["grad"].norm().clamp_min(1e-30))
-                        row["speedup_vs_torch"] = ref["step_ms"] / m["step_ms"]
+                        torch_ms = m["step_ms"]
+                    elif torch_ms:
+                        row["speedup_vs_torch"] = torch_ms / m["step_ms"]
                 except Exception as e:  # out of memory, a failed trace ...: recorded
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 finally:
-                    model = None
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
                 rows.append(row)

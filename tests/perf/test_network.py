@@ -3,6 +3,7 @@ ResNet (one bottleneck per stage, width 8, 32x32 images) through the kernels (th
 interpreter on CPU). The network and its variants must compute what torch's does before
 their step times mean anything."""
 import copy
+import math
 import os
 
 import pytest
@@ -44,8 +45,9 @@ def test_variants_train_like_torch(network, device, monkeypatch):
     step (seeds 0-3 measured: the kernels' error over torch's):
     * all gradients together (each parameter's scaled by its float64 norm): 2x torch's
       (measured 0.4x to 1.2x);
-    * each parameter's gradient: 4x torch's (some are 8 values, whose two errors are a
-      few roundings each: up to 2.7x measured);
+    * each parameter's gradient: 4x torch's or 1e-6 (some are 8 values, whose two errors
+      are a few roundings each: up to 2.7x measured; the floor, about 8 fp32 ulps, for a
+      vector whose torch error happens to be tiny, as the loss's below);
     * the loss, one number, whose torch error can be lucky (3e-8, half an ulp): 2x
       torch's or 1e-6 (about 14 ulps of fp32 at ~6.7).
     A wrong BatchNorm is off by orders of magnitude more. On a GPU the convolutions run
@@ -78,18 +80,21 @@ def test_variants_train_like_torch(network, device, monkeypatch):
         assert err(loss, ref_loss) <= max(2 * err(torch_loss, ref_loss), 1e-6), name
         assert err_all(grads) <= 2 * err_all(torch_grads), name
         for p in ref:
-            assert err(grads[p], ref[p]) <= 4 * err(torch_grads[p], ref[p]), (name, p)
+            assert err(grads[p], ref[p]) <= max(4 * err(torch_grads[p], ref[p]), 1e-6), (
+                name, p)
 
 
 def test_run_gives_a_row_per_variant(network, device):
-    """run(): step times, the first step's loss and the gradient distance for every
-    variant, speedups against torch, no error."""
+    """run(): step times, errors against float64 and speedups for every variant, no error
+    (the errors' values are test_variants_train_like_torch's subject: here the last
+    stage's BatchNorms see 2 values per channel and the gradient is mostly rounding)."""
     rows = network.run(device, configs=((2, "fp32"),), image=32, warmup=1, steps=1,
                        repeats=1, **SMALL)
     assert [r["variant"] for r in rows] == list(network.VARIANTS)
     assert not [r for r in rows if "error" in r], rows
     assert all(r["step_ms"] > 0 and r["batchnorm_layers"] == 17 for r in rows)
-    assert all("speedup_vs_torch" in r and r["conv1_grad_rel_diff"] < 1e-2
-               for r in rows[1:])
-    assert abs(rows[1]["loss"] - rows[0]["loss"]) < 1e-4 * abs(rows[0]["loss"])
+    assert all(math.isfinite(r["loss_rel_err"]) and math.isfinite(r["conv1_grad_rel_err"])
+               for r in rows)
+    assert all("speedup_vs_torch" in r for r in rows[1:])
+    assert ("gpu_busy_ms" in rows[0]) == (device == "cuda")
     assert os.environ.get("TRITONBN_AUTOTUNE") == "0"  # restored (conftest's setting)

@@ -119,8 +119,8 @@ def default_config(geom: Geometry, elem_size: int, interpreted: bool) -> dict:
 # at its largest tile and checks for spills). Each per-channel reduction costs a thread
 # shuffles and adds for every channel it holds, whatever its share of the channel's
 # values, so more values per thread spread that cost: compiled for sm_90, the forward over
-# channels_last bf16 (8 channels per thread) issues 66-79 instructions per element at 16
-# per thread and 44-46 at 32. The default config stays at 16 per thread until a GPU has
+# channels_last bf16 (8 channels per thread) issues 60-79 instructions per element at 16
+# per thread and 36-46 at 32. The default config stays at 16 per thread until a GPU has
 # timed 32; the autotuner times both.
 FUSED_MAX_VOLUME = 8192
 FUSED_BLOCK_C_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
