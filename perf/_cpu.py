@@ -1,6 +1,7 @@
 """CPU mode (no GPU): what can be known without one, through the Triton interpreter.
 
-1. Accuracy of every provider against float64, per phase, layout and dtype.
+1. Accuracy of every provider against float64, per phase, layout and dtype; and of one
+   training step of a small ResNet (perf/_network.py) with each of its BatchNorm variants.
 2. tritonbn's memory traffic per phase (bytes read and written by its kernels, counted by
    instrumenting the interpreter) and kernel launches, next to the minimum and to PyTorch's
    native kernels: ``tritonbn`` (single-pass kernel on the shapes it fits) and
@@ -23,6 +24,7 @@ import time
 
 import torch
 
+import _network as N
 import _providers as P
 import _shapes as S
 from _common import Progress
@@ -272,6 +274,18 @@ def compile_works(log) -> str | None:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
+def network_accuracy() -> list[dict]:
+    """N.step_errors on CPU (the interpreter), each variant's worst parameter given as the
+    ratio of its gradient's error to torch's on the same parameter."""
+    rows = N.step_errors("cpu")
+    torch_errs = rows[0]["param_rel_err"]
+    for r in rows:
+        ratios = {p: e / max(torch_errs[p], 1e-300) for p, e in r.pop("param_rel_err").items()}
+        r["worst_param"] = max(ratios, key=ratios.get)
+        r["worst_param_ratio_to_torch"] = ratios[r["worst_param"]]
+    return rows
+
+
 def run(quick: bool, out_dir: str, use_compile: bool, log) -> dict:
     from tritonbn.kernels.configs import FUSED_MAX_VOLUME
 
@@ -283,7 +297,7 @@ def run(quick: bool, out_dir: str, use_compile: bool, log) -> dict:
     # torch.compile on the 2d layouts only (its compile time is seconds per dtype/shape).
     compile_layouts = ("NCHW",) if quick else ("NCHW", "NHWC")
     compile_dtypes = ("fp32",) if quick else ("fp32", "bf16", "fp16")
-    prog = Progress(len(cases) + 2, "CPU mode (Triton interpreter)")
+    prog = Progress(len(cases) + 3, "CPU mode (Triton interpreter)")
     rows = []
     for case in cases:
         provs = ["tritonbn", "tritonbn_split", "torch"]
@@ -292,6 +306,8 @@ def run(quick: bool, out_dir: str, use_compile: bool, log) -> dict:
             provs.append("torch_compile")
         rows += case_rows(case, provs, log)
         prog.step(case.label)
+    network = network_accuracy()
+    prog.step("small ResNet training step against float64")
     bf16_cast = interpreter_bf16_cast()
     grid = grid_rows()
     prog.step(f"program-count model: {len(grid)} rows")
@@ -317,6 +333,7 @@ def run(quick: bool, out_dir: str, use_compile: bool, log) -> dict:
     for r in rows:
         r.pop("_by_argument", None)
     return dict(mode="cpu", quick=quick, rows=rows, grid=grid, traffic=traffic,
+                network_accuracy=network,
                 fused_max_volume=FUSED_MAX_VOLUME,
                 kernels=kernels, kernels_error=kerr, compile_skipped=compile_reason,
                 interpreter_bf16_cast=bf16_cast,

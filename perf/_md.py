@@ -32,6 +32,7 @@ def cpu_report(summary: dict, out_dir: str, plots: list[str]) -> str:
           "GPU timings come from GPU mode (`perf/gpu_run.sh` on a GPU machine).", ""]
     L += _cpu_traffic(summary)
     L += _cpu_accuracy(summary)
+    L += _cpu_network(summary)
     L += _cpu_grid(summary)
     L += _cpu_kernels(summary)
     L += ["## Plots", ""] + _images(plots, out_dir)
@@ -81,6 +82,29 @@ def _cpu_traffic(summary) -> list[str]:
                        "16-bit B/elem", "passes", "min passes", "torch native passes",
                        "small B/elem (fp32)", "launches", "kernels"], rows))
     return L + [""]
+
+
+def _cpu_network(summary) -> list[str]:
+    rows = summary.get("network_accuracy", [])
+    if not rows:
+        return []
+    r0 = rows[0]
+    table = [[r["variant"], r["loss_rel_err"], r["grads_rel_err"], r["worst_param"],
+              r["worst_param_ratio_to_torch"]] for r in rows]
+    return ["## A ResNet training step against float64", "",
+            f"One fp32 training step (forward, cross-entropy, backward) of a small ResNet of "
+            f"GPU mode's code (perf/_network.py: one bottleneck per stage, width 8, "
+            f"{r0['batchnorm_layers']} BatchNorms), batch {r0['batch']} of {r0['image']}x"
+            f"{r0['image']} images, seed {r0['seed']}, through the kernels, against the same "
+            "step in float64 with torch's BatchNorm: relative errors of the loss and of all "
+            "gradients together (each parameter's scaled by its float64 norm), and the "
+            "parameter whose gradient's error is largest next to torch's fp32 error on it. "
+            "The last stage's BatchNorms see 4 values per channel, which makes the gradients "
+            "ill-conditioned: torch's own row is the bar "
+            "(`tests/perf/test_network.py::test_variants_train_like_torch` holds tritonbn "
+            "to 2x its error on all gradients, 4x on each).", "",
+            md_table(["variant", "loss error", "all gradients' error", "worst parameter",
+                      "its error / torch's"], table), ""]
 
 
 def _cpu_accuracy(summary) -> list[str]:

@@ -187,6 +187,49 @@ def reference_step(base: nn.Module, x: torch.Tensor, target: torch.Tensor) -> di
     return dict(loss=float(loss), conv1_grad=model.conv1.weight.grad.detach().clone())
 
 
+SMALL = dict(blocks=(1, 1, 1, 1), width=8)  # 17 BatchNorms: through the interpreter
+
+
+def _loss_and_grads(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
+    loss = F.cross_entropy(model(x), target)
+    loss.backward()
+    return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()}
+
+
+def step_errors(device: str, batch: int = 4, image: int = 32, seed: int = 0,
+                **net) -> list[dict]:
+    """One fp32 training step of a small ResNet (``net``: ResNet's arguments, SMALL by
+    default) for each variant against the same step in float64 (torch's BatchNorm): one
+    row per variant with loss_rel_err, grads_rel_err (every parameter's gradient together,
+    each scaled by its float64 norm) and param_rel_err (each parameter's, by name). With a
+    batch of 4 at 32x32 the last stage's BatchNorms see 4 values per channel: an
+    ill-conditioned step, where torch's own fp32 gradients are 1e-5 to 5e-5 off float64;
+    torch's row is the bar. On a GPU the convolutions run in fp32 (no TF32), so that
+    their error does not drown BatchNorm's."""
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    base = ResNet(**(net or SMALL)).to(dev, memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, image, image, device=dev).to(memory_format=torch.channels_last)
+    target = torch.randint(0, 1000, (batch,), device=dev)
+    ref_loss, ref = _loss_and_grads(copy.deepcopy(base).double(), x.double(), target)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        rows = []
+        for name in VARIANTS:
+            loss, grads = _loss_and_grads(variant(name, base), x, target)
+            scaled = [torch.cat([g[p].flatten() / ref[p].norm() for p in ref])
+                      for g in (grads, ref)]
+            rows.append(dict(variant=name, batch=batch, image=image, seed=seed,
+                             batchnorm_layers=batchnorm_layers(base),
+                             loss_rel_err=_rel(loss, ref_loss),
+                             grads_rel_err=_rel(*scaled),
+                             param_rel_err={p: _rel(grads[p], ref[p]) for p in ref}))
+        return rows
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 def run(device: str = "cuda", configs=CONFIGS, image: int = 224, blocks=RESNET50_BLOCKS,
         width: int = 64, warmup: int = 3, steps: int = 10, repeats: int = 3,
         autotune: bool = False, log=lambda m: None, rows: list | None = None) -> list[dict]:

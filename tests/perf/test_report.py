@@ -65,7 +65,12 @@ def test_cpu_quick_report(tmp_path):
             assert key in k
     acc = [r for r in s["rows"] if r["provider"] == "tritonbn" and r["dtype"] == "fp32"]
     assert acc and all(r["max_rel_err"] < 1e-5 for r in acc)
-    assert "not GPU timings" in (out / "report.md").read_text()
+    # the small ResNet's step (its bars are tests/perf/test_network.py's)
+    assert [r["variant"] for r in s["network_accuracy"]] == ["torch", "tritonbn",
+                                                             "tritonbn_fused"]
+    assert all(r["grads_rel_err"] < 1e-3 for r in s["network_accuracy"])
+    md = (out / "report.md").read_text()
+    assert "not GPU timings" in md and "## A ResNet training step against float64" in md
     assert wall < 300, f"--quick took {wall:.0f} s"
 
 
