@@ -9,6 +9,7 @@ its time-budget handling.
 """
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -140,7 +141,11 @@ def test_gpu_pipeline_on_cpu(tmp_path, monkeypatch):
     steps = summary["network_steps"]
     assert [(r["dtype"], r["variant"]) for r in steps] == [
         (d, v) for d in ("fp32", "bf16") for v in _gpu.N.VARIANTS], steps
-    assert all(r["step_ms"] > 0 and "error" not in r for r in steps)
+    assert all(r["step_ms"] > 0 and "error" not in r and r["batchnorm_layers"] == 17
+               and math.isfinite(r["loss_rel_err"]) and math.isfinite(r["conv1_grad_rel_err"])
+               and "gpu_busy_ms" not in r for r in steps)  # (a GPU's kernel time only)
+    assert all(("speedup_vs_torch" in r) == (r["variant"] != "torch") for r in steps)
+    assert os.environ.get("TRITONBN_AUTOTUNE") == "0"  # run() restored conftest's setting
     n, names = _gpu._profile(lambda: torch.ones(3) + 1)  # profiler plumbing (no GPU work)
     assert n == len(names)
     summary.update(date="test", versions={}, command="test", wall_s=0)
