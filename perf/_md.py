@@ -295,7 +295,8 @@ def _gpu_network_steps(summary) -> list[str]:
     model, image = rows[0].get("model", "resnet50"), rows[0].get("image", 224)
     return ["## ResNet-50 training step, end to end", "",
             f"{model} (torchvision's architecture, perf/_network.py), channels_last, "
-            f"{image}x{image} images, forward (bf16: under torch.autocast) + cross-entropy + "
+            f"{image}x{image} images, forward (bf16: under torch.autocast; fp32: torch's "
+            "defaults, TF32 convolutions) + cross-entropy + "
             "backward, no optimizer step. torch = torch.nn.BatchNorm2d; tritonbn = "
             "convert_model; tritonbn_fused = fuse_relu_traced(convert_model(...)), ReLUs and "
             "shortcut adds in the BatchNorm kernels. tritonbn with "

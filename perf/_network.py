@@ -32,7 +32,8 @@ from _providers import environ
 
 VARIANTS = ("torch", "tritonbn", "tritonbn_fused")
 # (batch, dtype): bf16 is autocast's mixed precision (convolutions in bf16, BatchNorm on
-# bf16 activations with fp32 parameters), fp32 everything in fp32
+# bf16 activations with fp32 parameters), fp32 everything in fp32 with torch's defaults
+# (cuDNN convolutions may use TF32: torch.backends.cudnn.allow_tf32)
 CONFIGS = ((32, "bf16"), (128, "bf16"), (32, "fp32"))
 QUICK_CONFIGS = ((32, "bf16"),)
 RESNET50_BLOCKS = (3, 4, 6, 3)
