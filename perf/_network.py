@@ -179,15 +179,6 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def reference_step(base: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict:
-    """The first step in float64 with torch's BatchNorm: the loss and conv1's weight
-    gradient every variant is measured against."""
-    model = copy.deepcopy(base).double()
-    loss = F.cross_entropy(model(x.double()), target)
-    loss.backward()
-    return dict(loss=float(loss), conv1_grad=model.conv1.weight.grad.detach().clone())
-
-
 SMALL = dict(blocks=(1, 1, 1, 1), width=8)  # 17 BatchNorms: through the interpreter
 
 
@@ -195,6 +186,21 @@ def _loss_and_grads(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
     loss = F.cross_entropy(model(x), target)
     loss.backward()
     return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters()}
+
+
+def float64_step(base: nn.Module, x: torch.Tensor, target: torch.Tensor):
+    """The first training step in float64 with torch's BatchNorm, which every variant is
+    measured against: (loss, {parameter name: gradient})."""
+    return _loss_and_grads(copy.deepcopy(base).double(), x.double(), target)
+
+
+def _problem(device: torch.device, batch: int, image: int, seed: int = 0, **net):
+    """(network, images, labels) from ``seed``: ResNet(**net) and a batch, channels_last."""
+    torch.manual_seed(seed)
+    base = ResNet(**net).to(device, memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, image, image, device=device).to(
+        memory_format=torch.channels_last)
+    return base, x, torch.randint(0, 1000, (batch,), device=device)
 
 
 def step_errors(device: str, batch: int = 4, image: int = 32, seed: int = 0,
@@ -207,12 +213,8 @@ def step_errors(device: str, batch: int = 4, image: int = 32, seed: int = 0,
     ill-conditioned step, where torch's own fp32 gradients are 1e-5 to 5e-5 off float64;
     torch's row is the bar. On a GPU the convolutions run in fp32 (no TF32), so that
     their error does not drown BatchNorm's."""
-    dev = torch.device(device)
-    torch.manual_seed(seed)
-    base = ResNet(**(net or SMALL)).to(dev, memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, image, image, device=dev).to(memory_format=torch.channels_last)
-    target = torch.randint(0, 1000, (batch,), device=dev)
-    ref_loss, ref = _loss_and_grads(copy.deepcopy(base).double(), x.double(), target)
+    base, x, target = _problem(torch.device(device), batch, image, seed, **(net or SMALL))
+    ref_loss, ref = float64_step(base, x, target)
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
@@ -248,12 +250,8 @@ def run(device: str = "cuda", configs=CONFIGS, image: int = 224, blocks=RESNET50
                   else f"resnet{3 * sum(blocks) + 2}_width{width}")
     with environ({"TRITONBN_AUTOTUNE": "1" if autotune else "0"}):
         for batch, dtype in configs:
-            torch.manual_seed(0)
-            base = ResNet(blocks, width).to(dev, memory_format=torch.channels_last)
-            x = torch.randn(batch, 3, image, image, device=dev).to(
-                memory_format=torch.channels_last)
-            target = torch.randint(0, 1000, (batch,), device=dev)
-            ref = reference_step(base, x, target)
+            base, x, target = _problem(dev, batch, image, blocks=blocks, width=width)
+            ref_loss, ref = float64_step(base, x, target)
             torch_ms = None
             for name in VARIANTS:
                 row = dict(model=model_name, batch=batch, image=image, dtype=dtype,
@@ -263,8 +261,8 @@ def run(device: str = "cuda", configs=CONFIGS, image: int = 224, blocks=RESNET50
                     m = measure(variant(name, base), x, target, dtype, warmup, steps, repeats)
                     grad = m.pop("conv1_grad")
                     row.update(m, images_per_s=batch / m["step_ms"] * 1e3,
-                               loss_rel_err=abs(m["loss"] - ref["loss"]) / abs(ref["loss"]),
-                               conv1_grad_rel_err=_rel(grad, ref["conv1_grad"]))
+                               loss_rel_err=abs(m["loss"] - float(ref_loss)) / abs(float(ref_loss)),
+                               conv1_grad_rel_err=_rel(grad, ref["conv1.weight"]))
                     if name == "torch":
                         torch_ms = m["step_ms"]
                     elif torch_ms:

@@ -9,9 +9,9 @@ GPU mode times ResNet-50 training steps end to end with torch's and tritonbn's B
 then tritonbn, torch eager (cuDNN or native, as torch picks), torch.compile and (when
 importable) apex on ResNet-50's BatchNorm layers, BatchNorm1d, BatchNorm3d and small-C
 shapes in four phases, within --budget-s seconds; CPU mode (no GPU) checks accuracy
-against float64, counts tritonbn's memory traffic and launches in the Triton interpreter, models the grid on
-an H200 and runs perf/kernel_report.py. Both write results.csv, summary.json, report.md and
-PNG plots. Helpers: perf/_*.py.
+against float64, counts tritonbn's memory traffic and launches in the Triton interpreter,
+models the grid on an H200 and runs perf/kernel_report.py. Both write results.csv,
+summary.json, report.md and PNG plots. Helpers: perf/_*.py.
 """
 from __future__ import annotations
 

@@ -100,11 +100,10 @@ def bn_fused_kernel(
                 dz_offs = tile_offsets(o0, o1, o2, i, c, sdz0, sdz1, sdz2, sdzi, sdzc,
                                        CONTIG, VEC)
                 tl.store(dz_ptr + dz_offs, dy.to(dz_ptr.dtype.element_ty), mask=mask)
+        sum_dy = channel_sum(dy)
         if needs_x:
-            sum_dy = channel_sum(dy)
             sum_dy_xmu = channel_sum(dy * xmu)
         else:
-            sum_dy = channel_sum(dy)
             sum_dy_xmu = sum_dy  # unused: no grad_weight and no batch statistics
         store_grad_params(grad_weight_ptr, grad_bias_ptr, c, c_mask, sum_dy, sum_dy_xmu,
                           invstd, HAS_GRAD_WEIGHT, HAS_GRAD_BIAS)

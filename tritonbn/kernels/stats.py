@@ -75,6 +75,16 @@ def shifted_m2(sum1_scaled, sum2, mean):
 
 
 @triton.jit
+def _channel_moments(s1, s2, n):
+    """Per-channel (sum(v) * 2^-32, sum(v^2), mean of v, M2) from _shifted_sums' per-lane
+    s1 and s2, for channels of ``n`` values."""
+    sum1_scaled = channel_sum(s1)
+    sum2 = channel_sum(s2)
+    mean = sum1_scaled / tl.maximum(n, 1.0) * SUM_UNSCALE
+    return sum1_scaled, sum2, mean, shifted_m2(sum1_scaled, sum2, mean)
+
+
+@triton.jit
 def _element(x_ptr, o, i, c, c_mask, O1, O2, sx0, sx1, sx2, sxi, sxc, INT64: tl.constexpr):
     """x[o, c, i] in fp32 for a [BLOCK_C] vector of channels (o a flat outer index; o and
     i spread over c's shape, which also makes tensors of constants)."""
@@ -228,10 +238,7 @@ def bn_stats_kernel(
     # Lanes -> one (count, mean - K, M2) per channel. Every lane of a channel has the same
     # shift, so its sums add up.
     n_c = tl.where(c_mask, n.to(tl.float32), 0.0)
-    sum1_scaled = channel_sum(s1)
-    sum2 = channel_sum(s2)
-    mean_local = sum1_scaled / tl.maximum(n_c, 1.0) * SUM_UNSCALE
-    q_c = shifted_m2(sum1_scaled, sum2, mean_local)
+    sum1_scaled, sum2, mean_local, q_c = _channel_moments(s1, s2, n_c)
     # A sample unlike the rest of the program's data (a tile of padding among values near
     # 1e3) costs up to sum2 / M2 times the rounding of sum2: past 2 (the sample's mean
     # more than a standard deviation from the program's), or when sum2 overflowed on
@@ -244,10 +251,7 @@ def bn_stats_kernel(
         s1, s2, _ = _shifted_sums(x_ptr, begin, end, end, local, zero, zero, n, c_block,
                                   O1, O2, O, I, C, sx0, sx1, sx2, sxi, sxc,
                                   BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
-        sum1_scaled = channel_sum(s1)
-        sum2 = channel_sum(s2)
-        mean_local = sum1_scaled / tl.maximum(n_c, 1.0) * SUM_UNSCALE
-        q_c = shifted_m2(sum1_scaled, sum2, mean_local)
+        sum1_scaled, sum2, mean_local, q_c = _channel_moments(s1, s2, n_c)
     mu_c = (local - shift) + mean_local
 
     stride_part = num_splits * C

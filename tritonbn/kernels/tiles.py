@@ -107,6 +107,7 @@ def channel_sum(a):
     adds them one after another: 6 ulps off on a 27-value sum in the tests, 1 here)."""
     return tl.sum(tl.reshape(tl.permute(a, (2, 1, 0)), [a.shape[2], a.shape[0] * a.shape[1]]), 1)
 
+
 @triton.jit
 def split_range(num_tiles, split, num_splits):
     """Contiguous range of tiles handled by program ``split`` of ``num_splits``."""
