@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import importlib
 import os
+import pathlib
 import sys
 
 import pytest
@@ -156,6 +157,27 @@ def test_sass_main_loop():
     no_loop = "\n".join(line for line in SASS.splitlines() if "@P1 BRA" not in line)
     assert len(sass.main_loop(sass.instructions(no_loop))) == 8
     assert round(sass.issue_budget(4)) == 31
+
+
+@pytest.mark.skipif(kernel_report._cuobjdump() is None, reason="no cuobjdump in the triton wheel")
+def test_sass_listings_are_cached(quick_report, tmp_path, monkeypatch):
+    """A listing comes back from the cache without running cuobjdump, equal to the tool's;
+    an unreadable cache file is replaced by the tool's listing."""
+    import triton
+    # a binary the quick report compiled (its workers write to Triton's cache)
+    cubin = next(pathlib.Path(triton.knobs.cache.dir).glob("*/*.cubin")).read_bytes()
+    monkeypatch.setattr(triton.knobs.cache, "dir", str(tmp_path))
+    tool = kernel_report._cuobjdump()
+    first = sass.disassemble(cubin, tool)
+    assert sass.instructions(first)
+    calls = []
+    monkeypatch.setattr(sass.subprocess, "run", lambda *a, **k: calls.append(a))
+    assert sass.disassemble(cubin, tool) == first and not calls
+    monkeypatch.undo()
+    monkeypatch.setattr(triton.knobs.cache, "dir", str(tmp_path))
+    (cached,) = (tmp_path / "tritonbn_sass").glob("*.sass.gz")
+    cached.write_bytes(b"not gzip")
+    assert sass.disassemble(cubin, tool) == first
 
 
 PTX = """
