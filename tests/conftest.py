@@ -22,6 +22,14 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 def pytest_collection_modifyitems(config, items):
+    # A beyond_single_pass case runs on the split path only: as shipped it would run the
+    # same kernels again (kernel_path checks that).
+    repeats = [item for item in items if item.get_closest_marker("beyond_single_pass")
+               and getattr(item, "callspec", None)
+               and item.callspec.params.get("kernel_path") == "single_pass"]
+    if repeats:
+        config.hook.pytest_deselected(items=repeats)
+        items[:] = [item for item in items if item not in set(repeats)]
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -42,12 +50,33 @@ def _seed():
 
 
 @pytest.fixture(params=["single_pass", "split"])
-def kernel_path(request, monkeypatch) -> str:
+def kernel_path(request, monkeypatch):
     """Runs a test twice: as shipped (the single-pass kernel serves every shape it fits,
     which is most small test shapes) and with TRITONBN_FUSED=0 (the split reductions serve
-    every shape), so both kernel paths meet the same checks."""
+    every shape), so both kernel paths meet the same checks.
+
+    A case marked ``beyond_single_pass`` (shapes the single-pass kernel cannot hold, run
+    as shipped by the split kernels anyway) runs once, on the split path, and fails unless
+    every phase it ran is one the single-pass kernel would have declined."""
     monkeypatch.setenv("TRITONBN_FUSED", "1" if request.param == "single_pass" else "0")
-    return request.param
+    if not request.node.get_closest_marker("beyond_single_pass"):
+        yield request.param
+        return
+    import tritonbn.ops.batch_norm as ops
+    from tritonbn.kernels import configs
+
+    fits = []
+    real = ops.use_fused
+
+    def recording(geom):
+        fits.append(configs.fused_fits(geom))
+        return real(geom)
+
+    monkeypatch.setattr(ops, "use_fused", recording)
+    yield request.param
+    assert fits and not any(fits), (
+        f"marked beyond_single_pass, but the single-pass kernel fits {fits.count(True)} "
+        f"of its {len(fits)} phases: remove the mark")
 
 
 @pytest.fixture

@@ -8,13 +8,16 @@ import torch
 import tritonbn
 from tests.reference import DEVICE, Call, check_call, make_params, make_tensor
 
-# Every test in this file runs on both kernel paths (conftest.kernel_path).
+# Every test in this file runs on both kernel paths (conftest.kernel_path), except the
+# cases too large for the single-pass kernel: those run once, on the split path.
 pytestmark = pytest.mark.usefixtures("kernel_path")
+BEYOND_SINGLE_PASS = pytest.mark.beyond_single_pass
 
 
 @pytest.mark.parametrize("shape,layout", [
-    ((16, 2, 64, 64), "contiguous"),    # 2^16 values per channel, unit-stride spatial axis
-    ((65536, 2), "contiguous"),          # 2^16 values per channel, unit-stride channel axis
+    # 2^16 values per channel, unit-stride spatial axis, then unit-stride channel axis
+    pytest.param((16, 2, 64, 64), "contiguous", marks=BEYOND_SINGLE_PASS),
+    pytest.param((65536, 2), "contiguous", marks=BEYOND_SINGLE_PASS),
     # Few values per channel (396), 16 channels: 16 independent draws, so a kernel that only
     # sometimes stays under 1e-4 is caught.
     ((4, 16, 9, 11), "channels_last"),
@@ -60,6 +63,7 @@ def sm_count(monkeypatch):
     launch.clear_caches()
 
 
+@BEYOND_SINGLE_PASS
 @pytest.mark.parametrize("sms", [2, 64])
 def test_many_splits_keep_the_variance(sms, sm_count):
     """mean 1e3, std 1e-2, 8448 values per channel (the split path): however many programs
@@ -99,7 +103,9 @@ def test_outlier_keeps_the_mean_exact(where):
                                          make_tensor(x.shape)))
 
 
-@pytest.mark.parametrize("shape", [(8, 2, 8, 8), (33, 2, 16, 16)], ids=["M512", "M8448"])
+@pytest.mark.parametrize("shape", [(8, 2, 8, 8), pytest.param((33, 2, 16, 16),
+                                                                 marks=BEYOND_SINGLE_PASS)],
+                         ids=["M512", "M8448"])
 def test_variance_beyond_fp32(shape):
     """Mean 2e36, std 1e35: the mean fits fp32, the variance (~1e70) does not. The mean
     must still come out right (no sum of raw values or of count * mean may overflow on
@@ -144,6 +150,7 @@ def test_shift_sample_holds_a_full_tile(sm_count):
         torch.testing.assert_close(running_var.double(), var64, rtol=1e-5, atol=0)
 
 
+@BEYOND_SINGLE_PASS
 def test_sample_unlike_its_program(sm_count):
     """Split path: each program's sums are shifted by its sample tile's mean. Here every
     program's first tile is padding (0) among values 1000 + 30 N(0, 1) (4 programs of 49
@@ -193,7 +200,7 @@ def test_extreme_data_full_parity(dtype, mean, std):
 @pytest.mark.parametrize("shape,layout", [
     ((1031, 3, 3), "contiguous"),    # odd rows, a ragged last tile in every split
     ((2053, 2), "contiguous"),       # N > 2048 with an odd count (FlagGems' divisor bug)
-    ((7, 3, 19, 23), "channels_last"),
+    pytest.param((7, 3, 19, 23), "channels_last", marks=BEYOND_SINGLE_PASS),
 ], ids=["1d_N1031_L3", "1d_N2053", "2d_cl_primes"])
 def test_uneven_split_reduction(shape, layout):
     """Sizes that make the split reduction's parts unequal and its last tiles ragged: the
