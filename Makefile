@@ -7,15 +7,15 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-# The oldest supported pair, the one the GPU image has: torch 2.11 with triton 3.6. Triton
-# 3.6's interpreter turns 1-element arrays into ints with int(), which numpy >= 2.4 refuses
-# (fixed in triton 3.8), hence numpy < 2.4 there.
 # pytest processes (pytest-xdist): CI has 2 cores and the interpreter keeps one busy per
 # process. --dist loadfile gives each file to one process, so a module's fixtures (the
 # kernel report's compiles) run once. TEST_PROCS=1 runs the suite in this process.
 TEST_PROCS ?= 2
 PYTEST_ARGS = -q $(if $(filter 1,$(TEST_PROCS)),,-n $(TEST_PROCS) --dist loadfile) tests
 
+# The oldest supported pair, the one the GPU image has: torch 2.11 with triton 3.6. Triton
+# 3.6's interpreter turns 1-element arrays into ints with int(), which numpy >= 2.4 refuses
+# (fixed in triton 3.8), hence numpy < 2.4 there.
 OLDEST_SPEC ?= torch==2.11.0 triton==3.6.0 'numpy<2.4'
 OLDEST_VENV ?= .venv-oldest
 

@@ -82,11 +82,15 @@ def disassemble(cubin: bytes, cuobjdump: str) -> str:
         f.flush()
         listing = subprocess.run([cuobjdump, "-sass", f.name], check=True,
                                  capture_output=True, text=True).stdout
-    # written under a unique name, then renamed: concurrent workers never read a partial file
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tempfile.NamedTemporaryFile("wb", dir=os.path.dirname(path), delete=False) as f:
-        f.write(gzip.compress(listing.encode()))
-    os.replace(f.name, path)
+    # Written under a unique name, then renamed: concurrent workers never read a partial
+    # file. A cache that cannot be written (read-only) only costs the next run the tool.
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.NamedTemporaryFile("wb", dir=os.path.dirname(path), delete=False) as f:
+            f.write(gzip.compress(listing.encode()))
+        os.replace(f.name, path)
+    except OSError:
+        pass
     return listing
 
 

@@ -29,7 +29,8 @@ def pytest_collection_modifyitems(config, items):
                and item.callspec.params.get("kernel_path") == "single_pass"]
     if repeats:
         config.hook.pytest_deselected(items=repeats)
-        items[:] = [item for item in items if item not in set(repeats)]
+        dropped = set(repeats)
+        items[:] = [item for item in items if item not in dropped]
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
