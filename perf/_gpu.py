@@ -315,6 +315,41 @@ def add_speedups(rows: list[dict]) -> None:
                     r[f"speedup_vs_{prov}"] = v / r["ms"]
 
 
+def headline(rows: list[dict]) -> list[dict]:
+    """The report's summary: for each of tritonbn's providers, phase and dtype (and "all"
+    dtypes), over the cases measured against both peers or either, the geometric mean,
+    minimum and maximum of the speedup over torch eager and over torch.compile, the number
+    of cases where tritonbn was slower, and the median share of the copy bandwidth."""
+    def stats(values):
+        if not values:
+            return dict(geomean=None, min=None, max=None, slower=0, cases=0)
+        # (clamped: exp(mean(log)) of a single value can round past it)
+        geomean = math.exp(statistics.fmean(math.log(v) for v in values))
+        return dict(geomean=min(max(geomean, min(values)), max(values)),
+                    min=min(values), max=max(values), slower=sum(v < 1 for v in values),
+                    cases=len(values))
+
+    out = []
+    for ours in ("tritonbn", "tritonbn_relu", "tritonbn_add_relu"):
+        eager, compiled = (S.peers(ours)[1:] or ("torch", "torch_compile"))
+        mine = [r for r in rows if r["provider"] == ours and r.get("ms")]
+        for phase in dict.fromkeys(r["phase"] for r in mine):
+            for dtype in [*dict.fromkeys(r["dtype"] for r in mine), "all"]:
+                rs = [r for r in mine if r["phase"] == phase and dtype in ("all", r["dtype"])]
+                if not rs or (dtype == "all" and len({r["dtype"] for r in rs}) < 2):
+                    continue
+                pct = [r["pct_of_copy_bw"] for r in rs if r.get("pct_of_copy_bw")]
+                row = dict(provider=ours, phase=phase, dtype=dtype, cases=len(rs),
+                           vs=eager, vs_compiled=compiled,
+                           pct_of_copy_bw_median=statistics.median(pct) if pct else None)
+                for name, peer in (("torch", eager), ("compile", compiled)):
+                    for k, v in stats([r[f"speedup_vs_{peer}"] for r in rs
+                                       if r.get(f"speedup_vs_{peer}")]).items():
+                        row[f"{k}_vs_{name}"] = v
+                out.append(row)
+    return out
+
+
 def network_sums(rows: list[dict]) -> list[dict]:
     """Sum over ResNet-50's 53 BatchNorm layers (count x measured per-layer time), for each
     batch, layout, dtype, phase and provider with all 12 distinct layers measured."""
@@ -375,7 +410,8 @@ def run(opts, log) -> dict:
     for r in rows:
         if r.get("first_call_s") is not None:
             first[r["provider"]] = round(first.get(r["provider"], 0.0) + r["first_call_s"], 1)
-    summary.update(rows=rows, skipped_budget=skipped, network_sums=network_sums(rows),
+    summary.update(rows=rows, skipped_budget=skipped, headline=headline(rows),
+                   network_sums=network_sums(rows),
                    network_steps=network,
                    first_call_s_total=first, cases_run=len(case_s),
                    wall_s=round(time.perf_counter() - t_start, 1))

@@ -236,6 +236,7 @@ def gpu_report(summary: dict, out_dir: str, plots: list[str]) -> str:
               "timings: " + ", ".join(f"{p} {fmt(v)} s" for p, v in first.items())
               + f". Cases run: {summary.get('cases_run')}, not run (budget): "
               f"{len(summary.get('skipped_budget', []))}.", ""]
+    L += _gpu_headline(summary)
     L += _gpu_host(summary)
     L += _gpu_network_steps(summary)
     L += _gpu_network(summary)
@@ -253,6 +254,32 @@ def gpu_report(summary: dict, out_dir: str, plots: list[str]) -> str:
         L.append("")
     L += ["## Plots", ""] + _images(plots, out_dir)
     return "\n".join(L) + "\n"
+
+
+def _gpu_headline(summary) -> list[str]:
+    """One line per provider, phase and dtype: the speedups of the tables below, summed up."""
+    rows = summary.get("headline", [])
+    if not rows:
+        return []
+
+    def spread(r, peer):
+        if not r.get(f"cases_vs_{peer}"):
+            return None
+        return (f"{fmt(r[f'geomean_vs_{peer}'])} ({fmt(r[f'min_vs_{peer}'])} - "
+                f"{fmt(r[f'max_vs_{peer}'])}), slower in {r[f'slower_vs_{peer}']} of "
+                f"{r[f'cases_vs_{peer}']}")
+
+    table = [[r["provider"], PHASE_TITLES[r["phase"]], r["dtype"], r["cases"],
+              spread(r, "torch"), spread(r, "compile"), r["pct_of_copy_bw_median"]]
+             for r in rows]
+    return ["## Summary", "",
+            "Speedup = the other provider's time / tritonbn's, per case (layer shape, layout, "
+            "dtype) in the tables below: geometric mean (min - max) over the cases measured, "
+            "and in how many of them tritonbn was slower. tritonbn_relu and "
+            "tritonbn_add_relu are compared with torch's BatchNorm + ReLU [+ add], eager "
+            "and compiled.", "",
+            md_table(["provider", "phase", "dtype", "cases", "speedup vs torch eager",
+                      "speedup vs torch.compile", "median % copy BW"], table), ""]
 
 
 def _gpu_host(summary) -> list[str]:

@@ -138,6 +138,19 @@ def test_gpu_pipeline_on_cpu(tmp_path, monkeypatch):
         "train_fwd": 3, "bwd": 4, "fwd_bwd": 7, "eval_fwd": 3}
     assert all(r["max_rel_err_vs_fp64"] < 1e-2 for r in rows if r["phase"] == "train_fwd")
     assert len(summary["network_sums"]) == 2 * 4 * 3  # layouts x phases x providers
+    # the summary: fp32 and bf16 cases and "all" for BatchNorm, fp32 for each epilogue
+    head = {(h["provider"], h["phase"], h["dtype"]): h for h in summary["headline"]}
+    assert set(head) == {(p, ph, d) for ph in opts.phases for p, d in (
+        ("tritonbn", "fp32"), ("tritonbn", "bf16"), ("tritonbn", "all"),
+        ("tritonbn_relu", "fp32"), ("tritonbn_add_relu", "fp32"))}
+    for (prov, phase, dtype), h in head.items():
+        speedups = [r["speedup_vs_" + h["vs"]] for r in rows if r["provider"] == prov
+                    and r["phase"] == phase and dtype in ("all", r["dtype"])]
+        assert h["cases"] == h["cases_vs_torch"] == len(speedups) > 0
+        assert h["min_vs_torch"] <= h["geomean_vs_torch"] <= h["max_vs_torch"]
+        assert h["min_vs_torch"] == min(speedups) and h["max_vs_torch"] == max(speedups)
+        assert h["slower_vs_torch"] == sum(s < 1 for s in speedups)
+        assert h["cases_vs_compile"] == 0  # no torch.compile case in this run
     steps = summary["network_steps"]
     assert [(r["dtype"], r["variant"]) for r in steps] == [
         (d, v) for d in ("fp32", "bf16") for v in _gpu.N.VARIANTS], steps
@@ -155,6 +168,7 @@ def test_gpu_pipeline_on_cpu(tmp_path, monkeypatch):
         assert (tmp_path / name).stat().st_size > 0, name
     md = (tmp_path / "report.md").read_text()
     assert "## BatchNorm + ReLU" in md and "## ResNet-50 training step, end to end" in md
+    assert md.index("## Summary") < md.index("## Host overhead")
 
 
 def test_host_overhead_script_runs():
