@@ -80,14 +80,21 @@ def test_many_splits_keep_the_variance(sms, sm_count):
     assert rel < 1e-5, rel
 
 
-@pytest.mark.parametrize("where", [(0, 0, 0, 0), (3, 1, 9, 14)], ids=["first", "elsewhere"])
+@pytest.mark.parametrize("where", [[(0, 0, 0, 0)], [(3, 1, 9, 14)],
+                                   [(0, 0, 0, 0), (2, 0, 8, 0)], [(0, 1, 0, 0), (3, 1, 15, 15)]],
+                         ids=["first", "elsewhere", "first_and_middle", "first_and_last"])
 def test_outlier_keeps_the_mean_exact(where):
-    """One value of 3e4 among N(0, 1) values: whichever element it is, the mean stays good
-    to a few ulps of its scale. (A shift by the channel's first element, as tritonbn had, rounded
-    every x - K at 3e4's scale when that element was the spike: ~1e-3 on a mean of ~30,
-    thousands of ulps.) The other results against float64 and torch's own error."""
+    """Values of 3e4 among N(0, 1) values: wherever they are, the mean stays good to a
+    few ulps of its scale. (A shift by the channel's first element, as tritonbn had,
+    rounded every x - K at 3e4's scale when that element was the spike: ~1e-3 on a mean
+    of ~30, thousands of ulps.) Two of them at the first, middle or last element make the
+    split path's shift K, their median, a spike: partial means stored relative to K
+    rounded at 3e4's scale (first and last: 101 ulps; first and middle: running_mean
+    8.0e-5 off float64, torch 2.9e-7). The other results against float64 and torch's own
+    error."""
     x = make_tensor((4, 2, 16, 16))
-    x[where] = 3e4
+    for position in where:
+        x[position] = 3e4
     running_mean, running_var = torch.zeros(2, device=x.device), torch.ones(2, device=x.device)
     tritonbn.batch_norm(x, running_mean, running_var, None, None, True, 1.0, 1e-5)
     mean64, std64 = x.double().mean((0, 2, 3)), x.double().std((0, 2, 3))
@@ -118,6 +125,24 @@ def test_variance_beyond_fp32(shape):
     torch.testing.assert_close(running_mean.double(), mean64, rtol=1e-6, atol=0)
     assert torch.isinf(running_var).all(), running_var
     assert torch.equal(y, torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("std", [1e-30, 1e-35])
+def test_tiny_values_keep_their_mean(std):
+    """N(0, std) values far below 1: the mean stays within a few ulps of the values' scale
+    and the other results match float64 as torch's do. The merge took its weighted sums
+    at 2^-32 scale (against overflow) whatever the magnitudes, which made the partials'
+    means subnormal: 29 and 5.2e5 ulps off at std 1e-30 and 1e-35 on the split path.
+    It now scales only sums of values above 2^64."""
+    x = make_tensor((8, 2, 16, 16), std=std)
+    running_mean, running_var = torch.zeros(2, device=x.device), torch.ones(2, device=x.device)
+    tritonbn.batch_norm(x, running_mean, running_var, None, None, True, 1.0, 1e-5)
+    mean64, scale = x.double().mean((0, 2, 3)), x.double().abs().mean((0, 2, 3))
+    ulps = (running_mean.double() - mean64).abs() / (torch.finfo(torch.float32).eps * scale)
+    assert (ulps <= 4).all(), ulps
+    w, b, rm, rv = make_params(2)
+    check_call(tritonbn.batch_norm, Call(x, w, b, rm, rv, True, 1.0, 1e-5,
+                                         make_tensor(x.shape)))
 
 
 def test_values_near_fp32_max():

@@ -338,7 +338,7 @@ def launch_stats(x, geom, running_mean, running_var, num_batches_tracked, moment
     C = geom.channels
     mean = torch.empty(C, dtype=torch.float32, device=device)
     invstd = torch.empty(C, dtype=torch.float32, device=device)
-    partials, counter = _workspace(geom, device, x.element_size(), 3)
+    partials, counter = _workspace(geom, device, x.element_size(), 4)
     dense, run_ptrs, momentum, run_flags = _running_update(
         running_mean, running_var, num_batches_tracked, momentum, device)
     args = (x, partials, counter, mean, invstd, *run_ptrs, momentum, float(eps))

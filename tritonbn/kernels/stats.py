@@ -9,11 +9,11 @@ with f = momentum, or f = 1 / num_batches_tracked (cumulative average, momentum=
 Parallel layout: grid = (channel blocks, splits). Each program walks a contiguous range of
 ``[BLOCK_O, BLOCK_I, BLOCK_C]`` tiles keeping per lane the sums of v and v^2, v = x - K2,
 K2 a per-channel shift near the data it reads (see the kernel), and turns them into one
-(count, mean, M2) per channel, its partial, with the mean relative to K, a shift shared by
-every program. The last program of a channel block to arrive merges the partials of all
-splits with Chan's formula in split order (deterministic: same input, same bits), then
-writes mean / invstd and updates the running statistics in place. One launch, no memset,
-no host synchronisation.
+(count, K2, mean - K2, M2) per channel, its partial. The last program of a channel block
+to arrive merges the partials of all splits with Chan's formula in split order
+(deterministic: same input, same bits), their means taken relative to R, the mean of the
+first slab of partials it reads (8 to 64 splits), then writes mean / invstd and updates
+the running statistics in place. One launch, no memset, no host synchronisation.
 
 Per element, the loop does a subtraction, a select, an add and a fused multiply-add: a
 Welford update (count, delta, a division, two updates, masks) compiled to about 28 SASS
@@ -35,14 +35,24 @@ SUM_UNSCALE = tl.constexpr(4294967296.0)
 
 
 @triton.jit
+def _weighted_mean(count, value, axis: tl.constexpr):
+    """sum(count * value) / sum(count) along ``axis``. Where a finite |value| exceeds 2^64
+    the sum is taken at 2^-32 scale, so that no finite value overflows it (counts sum to
+    less than 2^31); powers of two scale exactly, and below 2^64 nothing is scaled, so
+    that small values do not turn subnormal."""
+    finite = tl.where(tl.abs(value) < float("inf"), tl.abs(value), 0.0)
+    large = tl.max(finite, axis) > 18446744073709551616.0
+    scale = tl.where(large, SUM_SCALE, 1.0)
+    unscale = tl.where(large, SUM_UNSCALE, 1.0)
+    total = tl.sum(count * (value * tl.expand_dims(scale, axis)), axis)
+    return total / tl.maximum(tl.sum(count, axis), 1.0) * unscale
+
+
+@triton.jit
 def _fold_lanes(count, mean, m2, axis: tl.constexpr):
-    """Merge Welford states along ``axis`` (exact parallel formula, fp32). The sum of
-    count * mean is taken at 2^-32 scale: powers of two scale exactly, so the result is
-    bit for bit the unscaled one, except that finite means cannot overflow it (counts sum
-    to less than 2^31) and means below 2^-94 in magnitude lose bits as subnormals."""
+    """Merge Welford states along ``axis`` (exact parallel formula, fp32)."""
     n = tl.sum(count, axis)
-    mu = tl.sum(count * (mean * SUM_SCALE), axis) / tl.maximum(n, 1.0)
-    mu = mu * SUM_UNSCALE
+    mu = _weighted_mean(count, mean, axis)
     d = mean - tl.expand_dims(mu, axis)
     q = tl.sum(m2 + count * d * d, axis)
     return n, mu, q
@@ -102,12 +112,13 @@ def _element(x_ptr, o, i, c, c_mask, O1, O2, sx0, sx1, sx2, sxi, sxc, INT64: tl.
 @triton.jit
 def median_shift(x_ptr, c, c_mask, O1, O2, O, I, sx0, sx1, sx2, sxi, sxc,
                  INT64: tl.constexpr):
-    """The split path's shift K, the same in every program of a channel: the median of
-    the channel's first, middle and last values. Sums then describe x - K, whose magnitude
-    is that of the spread, not of the mean (unshifted, at mean 1e4 / std 1 every Welford
-    update of an fp32 mean rounds at 1e4's scale, ~5e-4), and the partials merge in that
-    shifted space. A median, unlike the first value alone, is no single outlier: with
-    K = a spike of 3e4, every x - K would round at 3e4's scale."""
+    """The split path's first shift K: the median of the channel's first, middle and last
+    values. Each program's shift K2 is K plus the mean of x - K over a sample tile, so
+    that sums describe x - K2, whose magnitude is that of the spread, not of the mean
+    (unshifted, at mean 1e4 / std 1 every Welford update of an fp32 mean rounds at 1e4's
+    scale, ~5e-4). A median, unlike the first value alone, is no single outlier (with
+    K = a spike of 3e4, the sample's mean of x - K rounds at 3e4's scale); when two of
+    the three are, K2 still lands near the data, within that rounding."""
     a = _element(x_ptr, 0, 0, c, c_mask, O1, O2, sx0, sx1, sx2, sxi, sxc, INT64)
     b = _element(x_ptr, O // 2, I // 2, c, c_mask, O1, O2, sx0, sx1, sx2, sxi, sxc, INT64)
     z = _element(x_ptr, O - 1, I - 1, c, c_mask, O1, O2, sx0, sx1, sx2, sxi, sxc, INT64)
@@ -170,10 +181,51 @@ def update_running_stats(run_mean_ptr, run_var_ptr, nbt_ptr, c, c_mask, mean, va
     tl.store(run_var_ptr + c, new_rv.to(rv.dtype), mask=c_mask)
 
 
+@triton.jit
+def _partial_slab(partial_ptr, s0, c, c_mask, num_splits, C, BLOCK_S: tl.constexpr,
+                  WITH_M2: tl.constexpr):
+    """The partials (count, K2, mean - K2, M2 or 0) of splits [s0, s0 + BLOCK_S) for the
+    channels c: [BLOCK_S, BLOCK_C] each, zero past the last split. Read through L2 (.cg):
+    other programs wrote them."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    m = (s < num_splits)[:, None] & c_mask[None, :]
+    ps = partial_ptr + s[:, None] * C + c[None, :]
+    stride_part = num_splits * C
+    n = tl.load(ps, mask=m, other=0.0, cache_modifier=".cg")
+    k2 = tl.load(ps + stride_part, mask=m, other=0.0, cache_modifier=".cg")
+    mean = tl.load(ps + 2 * stride_part, mask=m, other=0.0, cache_modifier=".cg")
+    if WITH_M2:
+        m2 = tl.load(ps + 3 * stride_part, mask=m, other=0.0, cache_modifier=".cg")
+    else:
+        m2 = tl.zeros_like(n)
+    return n, k2, mean, m2
+
+
+@triton.jit
+def _rough_mean(n, k2, mean):
+    """Per-channel mean of a slab of partials, at x's scale (rounding at |mean|'s): the
+    reference the merge takes means relative to. 0 where it is not finite (the data holds
+    an inf or a NaN, which the merge then carries)."""
+    r = _weighted_mean(n, k2 + mean, 0)
+    return tl.where(tl.abs(r) < float("inf"), r, 0.0)
+
+
+@triton.jit
+def _mean_relative_to(k2, mean, ref):
+    """(K2 + mean) - ref, a partial's mean relative to the merge's reference, rounded once
+    at its own scale: K2 - ref is split into its rounded value and the exact rounding error
+    (Knuth's two-sum), so a K2 far from ref (a spike in the program's sample tile) costs
+    nothing; the mean, relative to K2, is then added to the larger part first."""
+    hi = k2 - ref
+    b_virtual = hi - k2
+    lo = (k2 - (hi - b_virtual)) + (-ref - b_virtual)
+    return (hi + mean) + lo
+
+
 @triton.jit(do_not_specialize=["KEY_M", "KEY_C"])
 def bn_stats_kernel(
     x_ptr,            # input: [O0, O1, O2, I, C] through strides sx*
-    partial_ptr,      # fp32 [3, num_splits, C]: count, mean, M2 of each split
+    partial_ptr,      # fp32 [4, num_splits, C]: count, K2, mean - K2, M2 of each split
     counter_ptr,      # int32 [num channel blocks], zero on entry and on exit
     mean_ptr,         # fp32 [C] out: batch mean (saved for backward)
     invstd_ptr,       # fp32 [C] out: 1 / sqrt(var + eps) (saved for backward), or the
@@ -200,8 +252,7 @@ def bn_stats_kernel(
     c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
 
-    # Shifts. K (median_shift) is the same in every program: the partials' means are
-    # stored relative to it and merge in that space. Each program's sums are taken
+    # Shifts. K (median_shift) is the same in every program. Each program's sums are taken
     # relative to K2 = K + the mean of x - K over a sample tile of its own (its first, or
     # its second when that holds more values: a first tile at the end of a row of tiles may
     # hold a single column), close to the data this program reads, so that the sums need
@@ -235,7 +286,7 @@ def bn_stats_kernel(
                               c_block, O1, O2, O, I, C, sx0, sx1, sx2, sxi, sxc,
                               BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
 
-    # Lanes -> one (count, mean - K, M2) per channel. Every lane of a channel has the same
+    # Lanes -> one (count, mean - K2, M2) per channel. Every lane of a channel has the same
     # shift, so its sums add up.
     n_c = tl.where(c_mask, n.to(tl.float32), 0.0)
     sum1_scaled, sum2, mean_local, q_c = _channel_moments(s1, s2, n_c)
@@ -252,27 +303,32 @@ def bn_stats_kernel(
                                   O1, O2, O, I, C, sx0, sx1, sx2, sxi, sxc,
                                   BLOCK_O, BLOCK_I, BLOCK_C, INT64, CONTIG, VEC)
         sum1_scaled, sum2, mean_local, q_c = _channel_moments(s1, s2, n_c)
-    mu_c = (local - shift) + mean_local
 
+    # The partial keeps K2 and the mean relative to it apart: K2 - K can be as far as K is
+    # from the data (two spikes among the median's three samples make K a spike), and
+    # their sum would round at that scale.
     stride_part = num_splits * C
     p = partial_ptr + split * C + c
     tl.store(p, n_c, mask=c_mask)
-    tl.store(p + stride_part, mu_c, mask=c_mask)
-    tl.store(p + 2 * stride_part, q_c, mask=c_mask)
+    tl.store(p + stride_part, local, mask=c_mask)
+    tl.store(p + 2 * stride_part, mean_local, mask=c_mask)
+    tl.store(p + 3 * stride_part, q_c, mask=c_mask)
 
     if arrive_is_last(counter_ptr + c_block, num_splits):
-        # Splits merged per step: a [BLOCK_S, BLOCK_C] slab of at most 2048 partials.
+        # Splits merged per step: a [BLOCK_S, BLOCK_C] slab of at most 2048 partials, their
+        # means relative to R, the mean of the first slab's partials (all of them for at
+        # most BLOCK_S splits): near the data, whatever K and any one K2 are.
         BLOCK_S: tl.constexpr = 64 if BLOCK_C < 32 else 2048 // BLOCK_C
+        n_s, k2_s, mean_s, _ = _partial_slab(partial_ptr, 0, c, c_mask, num_splits, C,
+                                             BLOCK_S, False)
+        ref = _rough_mean(n_s, k2_s, mean_s)
         n_acc = tl.zeros([BLOCK_C], tl.float32)
         mu_acc = tl.zeros([BLOCK_C], tl.float32)
         q_acc = tl.zeros([BLOCK_C], tl.float32)
         for s0 in range(0, num_splits, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            m = (s < num_splits)[:, None] & c_mask[None, :]
-            ps = partial_ptr + s[:, None] * C + c[None, :]
-            n_s = tl.load(ps, mask=m, other=0.0, cache_modifier=".cg")
-            mu_s = tl.load(ps + stride_part, mask=m, other=0.0, cache_modifier=".cg")
-            q_s = tl.load(ps + 2 * stride_part, mask=m, other=0.0, cache_modifier=".cg")
+            n_s, k2_s, mean_s, q_s = _partial_slab(partial_ptr, s0, c, c_mask, num_splits, C,
+                                                   BLOCK_S, True)
+            mu_s = _mean_relative_to(k2_s, mean_s, ref[None, :])
             n_b, mu_b, q_b = _fold_lanes(n_s, mu_s, q_s, 0)
             # Chan's merge of (n_acc, mu_acc, q_acc) with (n_b, mu_b, q_b).
             n_new = n_acc + n_b
@@ -283,7 +339,7 @@ def bn_stats_kernel(
             q_acc = q_acc + q_b + n_acc * w_b * d * d
             n_acc = n_new
         var = q_acc / tl.maximum(n_acc, 1.0)  # n_acc = 0 only in masked lanes
-        mu_acc += shift
+        mu_acc += ref
         tl.store(mean_ptr + c, mu_acc, mask=c_mask)
         if WRITE_VAR:
             tl.store(invstd_ptr + c, var, mask=c_mask)
