@@ -181,7 +181,7 @@ def _cpu_kernels(summary) -> list[str]:
     k = summary.get("kernels", [])
     L = ["## Compiled kernels (perf/kernel_report.py)", ""]
     if summary.get("kernels_error"):
-        L += [f"Not available: {summary['kernels_error']}", ""]
+        L += [f"{'Not available' if not k else 'Incomplete'}: {summary['kernels_error']}", ""]
     if not k:
         return L
     regs = [r["registers"] for r in k if isinstance(r.get("registers"), (int, float))]

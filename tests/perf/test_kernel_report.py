@@ -57,6 +57,24 @@ def test_outputs_exist(quick_report):
     assert sum(r["config"].startswith("default:") for r in rows) == 4 * 2 * 2
 
 
+def test_time_budget_keeps_the_first_compiles(tmp_path):
+    """Every config with a budget spent at once: the compiles already handed to the
+    workers finish, the rest are cancelled and counted, those that ran are of the kinds
+    that go first (default configs, flag variants, quick tiles, on sm_90), and the .md
+    says the report is incomplete."""
+    info = {}
+    rows = kernel_report.run(str(tmp_path), verbose=False, budget_s=0, info=info)
+    jobs = kernel_report._jobs(False, kernel_report.ARCHS, kernel_report.DTYPES)
+    key = lambda r: (r["kernel"], r["config"], r["arch"], r["layout"], r["dtype"])
+    first = {key(r) for j in jobs if kernel_report._first(j) and j["arch"] == 90
+             for r in j["rows"]}
+    ran = {key(r) for r in rows}
+    assert ran and ran <= first, ran - first
+    compiled = [j for j in jobs if key(j["row"]) in ran]
+    assert len(compiled) + info["not_run"] == len(jobs)
+    assert "Incomplete: " + str(info["not_run"]) in (tmp_path / "kernel_report.md").read_text()
+
+
 def test_flag_variants_compile(quick_report):
     """Every constexpr branch the launchers can take compiles for sm_90 (the interpreter
     would not notice one that does not), also in quick mode."""
