@@ -317,9 +317,9 @@ def add_speedups(rows: list[dict]) -> None:
 
 def headline(rows: list[dict]) -> list[dict]:
     """The report's summary: for each of tritonbn's providers, phase and dtype (and "all"
-    dtypes), over the cases measured against both peers or either, the geometric mean,
-    minimum and maximum of the speedup over torch eager and over torch.compile, the number
-    of cases where tritonbn was slower, and the median share of the copy bandwidth."""
+    dtypes), over the cases measured, the geometric mean, minimum and maximum of the
+    speedup over torch eager and over torch.compile, the number of cases where tritonbn
+    was slower, and the median share of the copy bandwidth."""
     def stats(values):
         if not values:
             return dict(geomean=None, min=None, max=None, slower=0, cases=0)

@@ -183,9 +183,51 @@ def gpu_plots(summary: dict, out_dir: str) -> list[str]:
         fig.suptitle(f"{PHASE_TITLES[phase]}: effective bandwidth, {dev} "
                      f"(do_bench median, L2 flushed)", fontsize=11)
         _save(fig, out_dir, f"bandwidth_{phase}.png", files)
+    _gpu_summary(summary, out_dir, files, dev)
     _gpu_speedups(summary, out_dir, files, dev)
     _gpu_network_steps(summary, out_dir, files, dev)
     return files
+
+
+def _gpu_summary(summary, out_dir, files, dev):
+    """The report's summary table as bars: tritonbn's geometric-mean speedup per phase and
+    dtype over torch eager and over torch.compile, the whiskers spanning min to max."""
+    rows = [r for r in summary.get("headline", []) if r["provider"] == "tritonbn"
+            and r["dtype"] != "all"]
+    if not rows:
+        return
+    dtypes = [d for d in S.DTYPES if any(r["dtype"] == d for r in rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), squeeze=False, sharey=True)
+    width = 0.8 / len(dtypes)
+    for ax, (peer, title) in zip(axes[0], (("torch", "torch eager"),
+                                           ("compile", "torch.compile"))):
+        for di, dt in enumerate(dtypes):
+            xs, ys, lo, hi = [], [], [], []
+            for pi, phase in enumerate(S.PHASES):
+                r = next((r for r in rows if r["phase"] == phase and r["dtype"] == dt
+                          and r.get(f"cases_vs_{peer}")), None)
+                if r:
+                    g = r[f"geomean_vs_{peer}"]
+                    xs.append(pi - 0.4 + width * (di + 0.5))
+                    ys.append(g)
+                    lo.append(g - r[f"min_vs_{peer}"])
+                    hi.append(r[f"max_vs_{peer}"] - g)
+            if xs:  # bars from 1: up for faster, down for slower
+                ax.bar(xs, [y - 1 for y in ys], width, bottom=1, label=dt)
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="none", ecolor="k", capsize=3, lw=1)
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set_yscale("log")  # ratios: 2x faster and 2x slower equally far from 1
+        ax.set_xticks(range(len(S.PHASES)), [PHASE_TITLES[p] for p in S.PHASES], fontsize=8)
+        ax.set_title(f"over {title}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        if ax.patches:
+            ax.legend(fontsize=8)
+        else:
+            _empty(ax)
+    axes[0][0].set_ylabel("speedup of tritonbn (geometric mean; whiskers: min - max)")
+    fig.suptitle(f"tritonbn's speedup over every case measured, {dev} (do_bench medians)",
+                 fontsize=11)
+    _save(fig, out_dir, "summary_speedup.png", files)
 
 
 def _gpu_network_steps(summary, out_dir, files, dev):

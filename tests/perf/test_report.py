@@ -163,7 +163,8 @@ def test_gpu_pipeline_on_cpu(tmp_path, monkeypatch):
     assert n == len(names)
     summary.update(date="test", versions={}, command="test", wall_s=0)
     report.write_outputs(summary, str(tmp_path), True, lambda m: None)
-    for name in ("results.csv", "summary.json", "report.md", "speedup_resnet50.png",
+    for name in ("results.csv", "summary.json", "report.md", "summary_speedup.png",
+                 "speedup_resnet50.png",
                  "bandwidth_train_fwd.png", "network_resnet50.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     md = (tmp_path / "report.md").read_text()
