@@ -552,8 +552,6 @@ def run(out_dir: str = DEFAULT_OUT, quick: bool = False, jobs: int = 2, archs=No
                                  initializer=_worker_init) as pool:
             futures = [(i, pool.submit(compile_one, job_list[i])) for i in order]
             for n, (i, fut) in enumerate(futures, 1):
-                if not not_run and time.perf_counter() > deadline:  # (once)
-                    not_run = sum(f.cancel() for _, f in futures[n - 1:])
                 if fut.cancelled():
                     continue
                 job, result = job_list[i], fut.result()
@@ -566,6 +564,9 @@ def run(out_dir: str = DEFAULT_OUT, quick: bool = False, jobs: int = 2, archs=No
                           f"({result.get('compile_s')} s)"
                           + (f" ERROR {result['error']}" if result.get("error") else ""),
                           flush=True)
+                # (checked after a result: the first compile always completes)
+                if not not_run and time.perf_counter() > deadline:
+                    not_run = sum(f.cancel() for _, f in futures[n:])
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
