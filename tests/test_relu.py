@@ -231,6 +231,19 @@ def test_convert_model_fuses_relu_in_sequential():
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("hooked", ["bn", "relu"])
+def test_convert_model_leaves_hooked_pairs_alone(hooked):
+    """A forward hook on the BatchNorm would see its ReLU'd output, one on the ReLU would
+    no longer run: such a pair stays unfused, and the hooks do what they do in torch."""
+    torch_model = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()).to(DEVICE)
+    torch_model[0 if hooked == "bn" else 1].register_forward_hook(
+        lambda module, args, out: out - 0.5)
+    model = tritonbn.convert_model(copy.deepcopy(torch_model), fuse_relu=True)
+    assert not model[0].fused_relu and type(model[1]) is nn.ReLU
+    x = make_tensor((2, 3, 4, 5))
+    torch.testing.assert_close(model(x), torch_model(x), rtol=1e-5, atol=1e-5)
+
+
 class _SkipAroundReLU(nn.Sequential):
     """A Sequential subclass whose forward does not chain its children."""
 

@@ -241,6 +241,89 @@ def test_fuse_relu_traced_fuses_residual_adds():
         torch.testing.assert_close(got.to(ref.dtype), ref, rtol=1e-4, atol=5e-4)
 
 
+class _HookedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x, z):
+        return self.relu1(self.bn1(x)) + self.relu2(self.bn2(x) + z)
+
+
+@pytest.mark.parametrize("hooked", ["bn_forward", "bn_forward_pre", "relu_forward", "global"])
+def test_fuse_relu_traced_leaves_hooked_modules_alone(hooked):
+    """A hook sees a layer's own inputs and output, and may change them: a BatchNorm or
+    ReLU module with hooks, or any while global module hooks are registered, is not fused,
+    so the hooks see and do what they do in the torch model. (Fused, in an audit's
+    repro: a hook subtracting 1 from a BatchNorm's output moved below the ReLU and the
+    residual, 1.0 off; a pre-hook received (x, z) and dropped z; a ReLU's hook no longer
+    ran.)"""
+    def on_bn(module, args, out):
+        return out - 1.0 if isinstance(module, nn.BatchNorm2d) else None
+
+    torch_model = _HookedBlock().to(DEVICE)
+    if hooked == "bn_forward":
+        torch_model.bn2.register_forward_hook(on_bn)
+    elif hooked == "bn_forward_pre":
+        torch_model.bn2.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    elif hooked == "relu_forward":
+        torch_model.relu2.register_forward_hook(lambda module, args, out: out * 0.5)
+    x, z = make_tensor((2, 6, 4, 5)), make_tensor((2, 6, 4, 5))
+    handle = (torch.nn.modules.module.register_module_forward_hook(on_bn)
+              if hooked == "global" else None)
+    try:
+        gm = tritonbn.fuse_relu_traced(copy.deepcopy(torch_model))
+        torch.testing.assert_close(gm(x, z), torch_model(x, z), rtol=1e-4, atol=1e-4)
+    finally:
+        if handle is not None:
+            handle.remove()
+    calls = {n.target: len(n.args) for n in gm.graph.nodes if n.op == "call_module"}
+    if hooked == "global":
+        assert calls == {"bn1": 1, "relu1": 1, "bn2": 1, "relu2": 1}
+    elif hooked == "relu_forward":  # bn1 takes relu1; bn2 takes z, not the hooked relu2
+        assert calls == {"bn1": 1, "bn2": 2, "relu2": 1} and gm.bn1.fused_relu
+    else:
+        assert calls == {"bn1": 1, "bn2": 1, "relu2": 1} and gm.bn1.fused_relu
+
+
+class _BetweenCallAndAdd(nn.Module):
+    """Something between a BatchNorm call and the addition of its output: the fused call
+    would happen at the addition, after it."""
+
+    def __init__(self, between: str):
+        super().__init__()
+        self.bn, self.between = nn.BatchNorm2d(6), between
+
+    def forward(self, x, z):
+        h = x * 1
+        y = self.bn(h)
+        if self.between == "reads_running_mean":  # (as fx records it: the live buffer)
+            seen = x.new_zeros(()) + self.bn.running_mean
+        else:  # writes into the layer's input
+            seen = h.mul_(3)
+        return y + z, seen
+
+
+@pytest.mark.parametrize("between", ["reads_running_mean", "writes_input"])
+def test_fuse_relu_traced_keeps_call_order(between):
+    """The residual is fused only where nothing between the BatchNorm's call and the
+    addition writes into a tensor or reads the layer's state: here the fused call would
+    read h after h.mul_(3), or update running_mean after it was read (in an audit's repro,
+    3.7 and 0.02 off). Both outputs and the running statistics match the torch model over
+    a training step and an eval step."""
+    torch_model = _BetweenCallAndAdd(between).to(DEVICE)
+    gm = tritonbn.fuse_relu_traced(copy.deepcopy(torch_model))
+    assert [len(n.args) for n in gm.graph.nodes if n.target == "bn"] == [1]
+    x, z = make_tensor((2, 6, 4, 5), mean=1.0), make_tensor((2, 6, 4, 5))
+    for training in (True, False):
+        for m in (gm, torch_model):
+            m.train(training)
+        for got, want in zip(gm(x, z), torch_model(x, z)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gm.bn.running_mean, torch_model.bn.running_mean)
+
+
 def test_fuse_relu_traced_sync_batch_norm():
     """SyncBatchNorm layers take their ReLU and the residual too (the sync path has the same
     epilogues, tests/ops/test_sync_batch_norm.py); in a single process they are a

@@ -6,6 +6,7 @@ model is traced with torch.fx."""
 from __future__ import annotations
 
 import collections
+import inspect
 import operator
 
 import torch
@@ -13,12 +14,16 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .modules import (_FUSABLE, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm,
-                      _TritonBatchNorm, _take_relu, convert_model)
+                      _hooked, _TritonBatchNorm, _take_relu, convert_model)
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
 _ADD_FUNCTIONS = (operator.add, torch.add)
 _INPLACE_ADDS = ((operator.iadd, "call_function"), ("add_", "call_method"))
+# Functions that write into an argument (besides torch's trailing-underscore ones).
+_WRITES = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+           operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
+           operator.ixor, operator.ilshift, operator.irshift, operator.imatmul}
 # Layers whose forward takes a residual. Not the lazy ones: their first call hands every
 # argument to initialize_parameters, which takes the input alone.
 _TAKES_RESIDUAL = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)
@@ -30,6 +35,49 @@ def _is_relu(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS
     return node.op == "call_method" and node.target in _RELU_METHODS
+
+
+def _writes(node: fx.Node, modules: dict) -> bool:
+    """Whether ``node`` may write into a tensor: an in-place method or function (trailing
+    underscore, ``+=``, item assignment, ``inplace=True``) or a module built in place."""
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    if node.op == "call_function":
+        return (node.target in _WRITES or _inplace_argument(node)
+                or getattr(node.target, "__name__", "").endswith("_"))
+    return node.op == "call_module" and getattr(modules[node.target], "inplace", False) is True
+
+
+def _inplace_argument(node: fx.Node) -> bool:
+    """A call with ``inplace=True``, given by keyword or by position (``F.relu(x, True)``)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # builtins without a signature, arguments it refuses
+        return False
+    return bound.arguments.get("inplace") is True
+
+
+def _safe_to_delay(bn_node: fx.Node, add_node: fx.Node, modules: dict) -> bool:
+    """Whether the BatchNorm call ``bn_node`` may move down to ``add_node``: nothing in
+    between may write into a tensor (its input, or a view of it) or read the layer's own
+    parameters and buffers, which its training call updates (fx reads a buffer through
+    its own name or, when the tracer met the tensor itself, a ``_tensor_constant``)."""
+    root = bn_node.graph.owning_module
+    state = {t.untyped_storage().data_ptr()
+             for t in modules[bn_node.target].state_dict(keep_vars=True).values()}
+    node = bn_node.next
+    while node is not add_node:
+        if _writes(node, modules):
+            return False
+        if node.op == "get_attr":
+            value = operator.attrgetter(node.target)(root)
+            if not isinstance(value, torch.Tensor) or (
+                    value.untyped_storage().data_ptr() in state):
+                return False
+        node = node.next
+    return True
 
 
 def _add_operands(node: fx.Node) -> list:
@@ -66,9 +114,13 @@ def fuse_relu_traced(model: nn.Module, add: bool = True) -> fx.GraphModule:
       time a z of another shape or dtype (a broadcast, say) is added by torch instead.
 
     Returns the traced GraphModule, which holds the very same submodules and parameters
-    (same state_dict keys). A BatchNorm module called more than once in the graph is left
-    alone, as is one whose output is also used elsewhere. Models that torch.fx cannot trace
-    raise its error."""
+    (same state_dict keys); call it, not ``model``, from then on: the shared layers now
+    apply the fused ReLUs and adds, which ``model``'s own forward applies again. A
+    BatchNorm module called more than once in the graph is left alone, as is one whose
+    output is also used elsewhere, a BatchNorm or ReLU module with hooks (or any, while
+    global module hooks are registered), and an addition before which something writes
+    into a tensor or reads the layer's parameters or buffers after its call (the fused
+    call happens at the addition). Models that torch.fx cannot trace raise its error."""
     convert_model(model)
     traced = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     gm = _adopt_model_state(traced, model)
@@ -86,7 +138,9 @@ def fuse_relu_traced(model: nn.Module, add: bool = True) -> fx.GraphModule:
             continue
         if _is_relu(node, modules) and node.args:
             source = node.args[0]
-            if sole_call(source) and _take_relu(modules[source.target]):
+            if (sole_call(source) and not _hooked(modules[source.target])
+                    and not (node.op == "call_module" and _hooked(modules[node.target]))
+                    and _take_relu(modules[source.target])):
                 node.replace_all_uses_with(source)
                 gm.graph.erase_node(node)
         elif add:
@@ -123,12 +177,15 @@ def _fuse_add(graph: fx.Graph, node: fx.Node, modules: dict, sole_call) -> tuple
         bn = modules[bn_node.target]
         if type(bn) not in _TAKES_RESIDUAL or bn.fused_relu:
             continue  # relu(bn(x)) + z is not relu(bn(x) + z)
+        if _hooked(bn) or not _safe_to_delay(bn_node, node, modules):
+            continue
         with graph.inserting_before(node):
             fused = graph.call_module(bn_node.target, (bn_node.args[0], other))
         bn.residual_in_graph = True  # revert_model must find the graph to undo this
         result = node
         relu = next(iter(node.users)) if len(node.users) == 1 else None
         if (relu is not None and _is_relu(relu, modules) and relu.args[0] is node
+                and not (relu.op == "call_module" and _hooked(modules[relu.target]))
                 and _take_relu(bn)):
             result = relu
         result.replace_all_uses_with(fused)

@@ -207,6 +207,22 @@ _FUSABLE = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, LazyBatchNorm1
             LazyBatchNorm2d, LazyBatchNorm3d)
 
 
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
+                 "_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether hooks would see ``module``'s call (its own, or every module's): fusing would
+    change what they see (a BatchNorm's output with the ReLU or residual in it, a ReLU that
+    is no longer called)."""
+    pre = dict(module._forward_pre_hooks)
+    lazy = getattr(module, "_initialize_hook", None)  # a lazy layer's own, until its 1st input
+    if lazy is not None:
+        pre.pop(lazy.id, None)
+    own = (module._forward_hooks, pre, module._backward_hooks, module._backward_pre_hooks)
+    return any(own) or any(getattr(_module_hooks, name) for name in _GLOBAL_HOOKS)
+
+
 def _take_relu(bn: nn.Module) -> bool:
     """Give ``bn`` the ReLU that follows it when it can carry one (a tritonbn BatchNorm,
     lazy and sync ones included, without one yet); True when it took it. Shared by
@@ -241,9 +257,11 @@ def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
     Sequential containers that run their children in a chain are searched (not a subclass
     with a forward of its own): a ReLU called from a ``forward`` method cannot be seen
     from here. A BatchNorm that appears more than once in ``module`` (one layer
-    shared by two places) is left alone: its other use may not be followed by a ReLU.
-    Hooks on the replaced ReLU go with it, and forward hooks on the BatchNorm then see its
-    ReLU'd output."""
+    shared by two places) is left alone: its other use may not be followed by a ReLU. So
+    is a pair where either module has hooks, or any while global module hooks are
+    registered: they would see the ReLU'd output, or not run. Code that slices or
+    iterates the Sequential (``features[:2](x)`` for the activations before a ReLU) gets
+    the fused layer's ReLU'd output."""
     for m in module.modules():
         replacement = _REPLACEMENTS.get(_layer_class(m))
         if replacement is not None:
@@ -256,7 +274,7 @@ def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
             # a subclass with a forward of its own may not run its children in a chain
             in_chain = type(seq).forward is nn.Sequential.forward
             if (in_chain and type(relu) is nn.ReLU and places[id(bn)] == 1
-                    and _take_relu(bn)):
+                    and not _hooked(bn) and not _hooked(relu) and _take_relu(bn)):
                 identity = nn.Identity().train(relu.training)
                 # the ReLU it stands for, for revert_model (an attribute, not a child)
                 identity.__dict__["replaced_relu"] = relu
