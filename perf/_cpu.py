@@ -211,6 +211,7 @@ def kernel_report(out_dir: str, quick: bool, timeout_s: float, log) -> tuple[lis
     saying what is missing or what failed)."""
     if not os.path.exists(os.path.join(PERF_DIR, "kernel_report.py")):
         return [], "perf/kernel_report.py is absent"
+    budget_s = max(timeout_s - 60, 0)
     fd, tmp = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     code = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[2]]; "
@@ -222,7 +223,7 @@ def kernel_report(out_dir: str, quick: bool, timeout_s: float, log) -> tuple[lis
         # A session of its own: on timeout the whole group goes, the compile workers the
         # report spawned included (killing the child alone left them running).
         proc = subprocess.Popen([sys.executable, "-c", code, PERF_DIR, REPO, out_dir,
-                                 "1" if quick else "0", tmp, str(max(timeout_s - 60, 0))],
+                                 "1" if quick else "0", tmp, str(budget_s)],
                                 env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
@@ -240,7 +241,7 @@ def kernel_report(out_dir: str, quick: bool, timeout_s: float, log) -> tuple[lis
         rows = [{k: r.get(k) for k in KERNEL_FIELDS} for r in out["rows"]]
         if out["not_run"]:
             return rows, (f"{out['not_run']} compiles did not run within "
-                          f"{timeout_s - 60:.0f} s (cold Triton cache); the default configs, "
+                          f"{budget_s:.0f} s (cold Triton cache); the default configs, "
                           "flag variants and quick tiles on sm_90 ran first")
         return rows, None
     except Exception as e:

@@ -29,9 +29,12 @@ _WRITES = {operator.setitem, operator.iadd, operator.isub, operator.imul, operat
 _TAKES_RESIDUAL = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)
 
 
-def _is_relu(node: fx.Node, modules: dict) -> bool:
+def _fusable_relu(node: fx.Node, modules: dict) -> bool:
+    """A ReLU call that a BatchNorm may take over: not a ReLU module with hooks, which
+    would no longer run."""
     if node.op == "call_module":
-        return type(modules[node.target]) is nn.ReLU
+        relu = modules[node.target]
+        return type(relu) is nn.ReLU and not _hooked(relu)
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS
     return node.op == "call_method" and node.target in _RELU_METHODS
@@ -136,10 +139,9 @@ def fuse_relu_traced(model: nn.Module, add: bool = True) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node in erased:
             continue
-        if _is_relu(node, modules) and node.args:
+        if _fusable_relu(node, modules) and node.args:
             source = node.args[0]
             if (sole_call(source) and not _hooked(modules[source.target])
-                    and not (node.op == "call_module" and _hooked(modules[node.target]))
                     and _take_relu(modules[source.target])):
                 node.replace_all_uses_with(source)
                 gm.graph.erase_node(node)
@@ -184,8 +186,7 @@ def _fuse_add(graph: fx.Graph, node: fx.Node, modules: dict, sole_call) -> tuple
         bn.residual_in_graph = True  # revert_model must find the graph to undo this
         result = node
         relu = next(iter(node.users)) if len(node.users) == 1 else None
-        if (relu is not None and _is_relu(relu, modules) and relu.args[0] is node
-                and not (relu.op == "call_module" and _hooked(modules[relu.target]))
+        if (relu is not None and _fusable_relu(relu, modules) and relu.args[0] is node
                 and _take_relu(bn)):
             result = relu
         result.replace_all_uses_with(fused)

@@ -139,14 +139,32 @@ class SyncBatchNorm(_TritonBatchNorm, nn.SyncBatchNorm):
         return module
 
 
-def _fx_call(layer: nn.Module, args: tuple, own_hooks: tuple = ()) -> fx.Proxy:
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
+                 "_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+def _hooked(module: nn.Module, backward: bool = True) -> bool:
+    """Whether hooks would see ``module``'s call, its own or every module's (``backward``:
+    backward hooks too). A lazy layer's own pre-hook, which builds it on its first input,
+    does not count."""
+    pre = dict(module._forward_pre_hooks)
+    lazy = getattr(module, "_initialize_hook", None)
+    if lazy is not None:
+        pre.pop(lazy.id, None)
+    own = [module._forward_hooks, pre]
+    if backward:
+        own += [module._backward_hooks, module._backward_pre_hooks]
+    names = _GLOBAL_HOOKS if backward else _GLOBAL_HOOKS[:2]
+    return any(own) or any(getattr(_module_hooks, name) for name in names)
+
+
+def _fx_call(layer: nn.Module, args: tuple) -> fx.Proxy:
     """Under torch.fx tracing (symbolic_trace and the tools built on it): one call of
     ``layer`` in the graph, as fx records torch's own BatchNorm, rather than the layer's
     branches on a Proxy (which fx cannot trace). fx steps into layers outside torch.nn
-    through __call__, so hooks would be traced too and then run again by the call: refused
-    (``own_hooks``: the ids of pre-hooks that are the layer's own machinery)."""
-    if (layer._forward_hooks or set(layer._forward_pre_hooks) - set(own_hooks)
-            or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks):
+    through __call__, so forward hooks would be traced too and then run again by the
+    call: refused."""
+    if _hooked(layer, backward=False):
         raise RuntimeError(
             "torch.fx tracing a tritonbn layer with forward hooks: they would be recorded in "
             "the graph and run again by the layer's call; trace tritonbn.revert_model(model), "
@@ -167,7 +185,7 @@ class _LazyTritonBatchNorm:
         # keeps this bound method, which outlives the class switch to cls_to_become.
         input = args[0] if args else kwargs.get("input")
         if isinstance(input, fx.Proxy):
-            return _fx_call(self, (input,), (self._initialize_hook.id,))
+            return _fx_call(self, (input,))
         return nn.Module._call_impl(self, *args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:
@@ -205,22 +223,6 @@ _FUSION_FLAGS = ("fused_relu", "residual_in_graph")
 # Layers that can carry a fused ReLU.
 _FUSABLE = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, LazyBatchNorm1d,
             LazyBatchNorm2d, LazyBatchNorm3d)
-
-
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
-                 "_global_backward_hooks", "_global_backward_pre_hooks")
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether hooks would see ``module``'s call (its own, or every module's): fusing would
-    change what they see (a BatchNorm's output with the ReLU or residual in it, a ReLU that
-    is no longer called)."""
-    pre = dict(module._forward_pre_hooks)
-    lazy = getattr(module, "_initialize_hook", None)  # a lazy layer's own, until its 1st input
-    if lazy is not None:
-        pre.pop(lazy.id, None)
-    own = (module._forward_hooks, pre, module._backward_hooks, module._backward_pre_hooks)
-    return any(own) or any(getattr(_module_hooks, name) for name in _GLOBAL_HOOKS)
 
 
 def _take_relu(bn: nn.Module) -> bool:
