@@ -237,6 +237,22 @@ def test_cases_reach_every_group_first(monkeypatch):
     assert sorted(cases, key=str) == sorted(S._one_of_each_first(cases), key=str)
 
 
+def test_grid_model_has_every_resnet_layer(monkeypatch):
+    """CPU mode's program-count model (grid.csv, cpu_programs.png) covers every ResNet-50
+    layer in both layouts at both batch sizes, under the plain family names the plot looks
+    up: the shapes GPU mode also times with a fused ReLU or residual are not filed under
+    those variants (which left l1.b channels_last at batch 256 out of the plot)."""
+    monkeypatch.syspath_prepend(PERF)
+    import _shapes as S
+
+    have = {(c.family, c.name, c.layout, c.dtype) for c in S.grid_model_cases()}
+    want = {(f"resnet50_b{batch}", name, layout, dt) for batch in (32, 256)
+            for name, *_ in S.RESNET50_BN for layout in ("NCHW", "NHWC")
+            for dt in ("fp32", "bf16")}
+    assert want <= have, sorted(want - have)
+    assert not any("+" in family for family, *_ in have)
+
+
 def test_network_steps_keep_what_a_timeout_interrupts(monkeypatch):
     """GPU mode's end-to-end steps: a configuration whose run times out keeps the rows it
     measured and gets a timed-out row; configurations past the deadline are listed as
