@@ -109,7 +109,10 @@ def _cpu_accuracy(summary, out_dir, files):
         ax.set_title(PHASE_TITLES[phase], fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("max |err| / max |ref| vs float64\n(worst layout)")
-    axes[0][0].legend(fontsize=8)
+    # below the panels: inside one, the legend hid the tallest (bf16) bars
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8,
+               bbox_to_anchor=(0.5, -0.06))
     fig.suptitle(CPU_LABEL + " - accuracy against float64", fontsize=10, color="darkred")
     _save(fig, out_dir, "cpu_accuracy.png", files)
 
