@@ -3,29 +3,24 @@ of a batch shared by all ranks, over Gloo on CPU tensors through the Triton inte
 and saves what it computed.
 
     python tests/ops/sync_worker.py CASE_FILE RANK
-CASE_FILE (torch.save'd dict): x, dy [N, C, ...] fp32, weight, bias, rows (rows per rank),
-dtype, channels_last, momentum, init (file:// URL), out (directory); optionally z (a
-residual like x) and relu (the layer's fused ReLU).
+CASE_FILE (tests/ops/ranks.py's): x, dy [N, C, ...] fp32, weight, bias, rows (rows per
+rank), dtype, channels_last, momentum; optionally z (a residual like x) and relu (the
+layer's fused ReLU).
 """
 import os
 import sys
-from datetime import timedelta
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 import tritonbn  # noqa: E402
+from tests.ops import ranks  # noqa: E402
 
 
 def main(case_file: str, rank: int) -> None:
     case = torch.load(case_file)
-    rows = case["rows"]
-    dist.init_process_group("gloo", init_method=case["init"], rank=rank,
-                            world_size=len(rows), timeout=timedelta(seconds=120))
-    begin = sum(rows[:rank])
-    part = slice(begin, begin + rows[rank])
+    part = ranks.join(case, rank)
     fmt = torch.channels_last if case["channels_last"] else torch.contiguous_format
     x = case["x"][part].to(case["dtype"]).contiguous(memory_format=fmt).requires_grad_()
     dy = case["dy"][part].to(case["dtype"]).contiguous(memory_format=fmt)
@@ -63,8 +58,7 @@ def main(case_file: str, rank: int) -> None:
         results["double_backward"] = "no error"
     except RuntimeError as e:
         results["double_backward"] = str(e)
-    torch.save(results, os.path.join(case["out"], f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    ranks.save(case, rank, results)
 
 
 if __name__ == "__main__":

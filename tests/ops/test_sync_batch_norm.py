@@ -9,9 +9,6 @@ against the float64 sums over its own slice (local, as torch's SyncBatchNorm lea
 for DDP to reduce). Double backward raises. Single-process behaviour (no process group)
 is a BatchNorm.
 """
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -19,10 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import tritonbn
+from tests.ops.ranks import run_ranks
 from tests.reference import assert_close_to_reference, make_params
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORKER = os.path.join(REPO, "tests", "ops", "sync_worker.py")
 
 CASES = {
     # fp32, two ranks with different batch sizes, exponential running average
@@ -48,23 +44,13 @@ CASES = {
 }
 
 
-def _run_ranks(tmp_path, case: dict) -> list[dict]:
+def _run_ranks(tmp_path, case: dict) -> tuple[dict, list[dict]]:
     shape = (sum(case["rows"]), *case["sample"])
     weight, bias, _, _ = make_params(shape[1], device="cpu")
     # mean far from 0 (the statistics must be shifted / merged stably), dy not centred
     data = dict(case, x=torch.randn(shape) * 2 + 5, dy=torch.randn(shape) + 0.5,
-                weight=weight, bias=bias, init=f"file://{tmp_path}/rendezvous",
-                out=str(tmp_path), z=torch.randn(shape) if case.get("residual") else None)
-    case_file = str(tmp_path / "case.pt")
-    torch.save(data, case_file)
-    env = dict(os.environ, PYTHONPATH=REPO, TRITON_INTERPRET="1")
-    procs = [subprocess.Popen([sys.executable, WORKER, case_file, str(r)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(len(case["rows"]))]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-3000:]}"
-    return data, [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(procs))]
+                weight=weight, bias=bias, z=torch.randn(shape) if case.get("residual") else None)
+    return data, run_ranks("sync_worker.py", data, tmp_path)
 
 
 def _reduced_dims(x):

@@ -1,4 +1,5 @@
-"""tritonbn inside the PyTorch stack: torch.compile, autocast, CUDA graphs, torch.export.
+"""tritonbn inside the PyTorch stack: torch.compile, autocast, activation checkpointing,
+CUDA graphs, torch.export.
 
 - torch.compile(fullgraph=True): no graph break, the tritonbn custom ops are in the graph,
   and outputs, gradients, running statistics and num_batches_tracked match eager tritonbn
@@ -8,6 +9,8 @@
 - autocast (cpu: bf16; cuda: fp16 and bf16): same output dtypes as torch's BatchNorm
   (aten::batch_norm is in no autocast cast list: it runs in its input's dtype, and so do
   the tritonbn ops), running statistics kept in fp32.
+- activation checkpointing (torch.utils.checkpoint, reentrant or not): outputs, gradients
+  and state as torch's layers under it, the recomputed forward counting the batch again.
 - CUDA graphs (GPU only): a captured training step (forward, backward, optimizer step)
   replayed N times gives the running statistics and num_batches_tracked of N eager steps
   of torch's BatchNorm; the eager step makes no host synchronisation.
@@ -385,6 +388,41 @@ def test_autocast_compiled_matches_eager(device, dynamo):
     assert_grads_close(grads_c, grads_e, rtol=1e-2, atol=1e-2)
     assert_state_equal(compiled_model, model, rtol=1e-3, atol=1e-3)
     assert_no_graph_break()
+
+
+# ----------------------------------------------------------- activation checkpointing ----
+
+class Checkpointed(nn.Module):
+    """``model`` run under torch.utils.checkpoint: its activations are not kept but
+    recomputed in the backward, which runs every layer's training forward again."""
+
+    def __init__(self, model: nn.Module, use_reentrant: bool):
+        super().__init__()
+        self.model = model
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.model, x,
+                                                 use_reentrant=self.use_reentrant)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_activation_checkpointing_matches_torch(device, use_reentrant):
+    """Checkpointed training (video and large-batch models use it to save memory): the
+    same outputs and gradients as torch's BatchNorm checkpointed the same way, and the
+    recomputation updates the running statistics and num_batches_tracked a second time
+    in each step, as it does torch's."""
+    ref, ours = make_pair(0.1, device)
+    # the reentrant variant gives parameters gradients only for an input that needs one
+    xs = [x.requires_grad_() for x in make_inputs(2, device)]
+    g = torch.randn(4, 6, device=device)
+    outs_r, grads_r = train_steps(Checkpointed(ref, use_reentrant), xs, g)
+    outs_o, grads_o = train_steps(Checkpointed(ours, use_reentrant), xs, g)
+    for a, b in zip(outs_o, outs_r):
+        torch.testing.assert_close(a, b, **TOL)
+    assert_grads_close(grads_o, grads_r, **TOL)
+    assert_state_equal(ours, ref, **TOL)
+    assert int(ours.bn_in.num_batches_tracked) == 2 * len(xs)
 
 
 # ----------------------------------------------------------------------- CUDA graphs ----
