@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .modules import (_FUSABLE, BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm,
-                      _hooked, _TritonBatchNorm, _take_relu, convert_model)
+                      _fusable_relu_module, _hooked, _TritonBatchNorm, _take_relu,
+                      convert_model)
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
@@ -30,11 +31,9 @@ _TAKES_RESIDUAL = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)
 
 
 def _fusable_relu(node: fx.Node, modules: dict) -> bool:
-    """A ReLU call that a BatchNorm may take over: not a ReLU module with hooks, which
-    would no longer run."""
+    """A ReLU call that a BatchNorm may take over (a module: _fusable_relu_module)."""
     if node.op == "call_module":
-        relu = modules[node.target]
-        return type(relu) is nn.ReLU and not _hooked(relu)
+        return _fusable_relu_module(modules[node.target])
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS
     return node.op == "call_method" and node.target in _RELU_METHODS
@@ -141,8 +140,7 @@ def fuse_relu_traced(model: nn.Module, add: bool = True) -> fx.GraphModule:
             continue
         if _fusable_relu(node, modules) and node.args:
             source = node.args[0]
-            if (sole_call(source) and not _hooked(modules[source.target])
-                    and _take_relu(modules[source.target])):
+            if sole_call(source) and _take_relu(modules[source.target]):
                 node.replace_all_uses_with(source)
                 gm.graph.erase_node(node)
         elif add:

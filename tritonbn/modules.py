@@ -227,12 +227,20 @@ _FUSABLE = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, LazyBatchNorm1
 
 def _take_relu(bn: nn.Module) -> bool:
     """Give ``bn`` the ReLU that follows it when it can carry one (a tritonbn BatchNorm,
-    lazy and sync ones included, without one yet); True when it took it. Shared by
-    convert_model(fuse_relu=True) and fx.fuse_relu_traced."""
-    if _layer_class(bn) in _FUSABLE and not getattr(bn, "fused_relu", False):
+    lazy and sync ones included, without one yet, and without hooks, which would see the
+    ReLU'd output); True when it took it. Shared by convert_model(fuse_relu=True) and
+    fx.fuse_relu_traced."""
+    if (_layer_class(bn) in _FUSABLE and not getattr(bn, "fused_relu", False)
+            and not _hooked(bn)):
         bn.fused_relu = True
         return True
     return False
+
+
+def _fusable_relu_module(relu: nn.Module) -> bool:
+    """A ReLU module a BatchNorm may take over: not one with hooks, which would no longer
+    run."""
+    return type(relu) is nn.ReLU and not _hooked(relu)
 
 
 _REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d,
@@ -275,8 +283,8 @@ def convert_model(module: nn.Module, fuse_relu: bool = False) -> nn.Module:
             relu = seq._modules[second]
             # a subclass with a forward of its own may not run its children in a chain
             in_chain = type(seq).forward is nn.Sequential.forward
-            if (in_chain and type(relu) is nn.ReLU and places[id(bn)] == 1
-                    and not _hooked(bn) and not _hooked(relu) and _take_relu(bn)):
+            if (in_chain and _fusable_relu_module(relu) and places[id(bn)] == 1
+                    and _take_relu(bn)):
                 identity = nn.Identity().train(relu.training)
                 # the ReLU it stands for, for revert_model (an attribute, not a child)
                 identity.__dict__["replaced_relu"] = relu
